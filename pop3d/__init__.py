@@ -1,0 +1,39 @@
+"""pop3d: a POP3 server (RFC 1939, RFC 2449) for Python, on Trio.
+
+The API follows tcllib's ``pop3d``: :func:`new` makes a server object with
+``configure``, ``cget``, ``up``, ``down``, ``destroy``, ``conn_list`` and
+``conn_state``; two callbacks, ``auth`` and ``storage``, supply users and
+mailboxes.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .callbacks import Auth, HashedPassword, MessageData, Storage, sync_auth, sync_storage
+from .errors import NameTaken, OptionError, Pop3dError, StateError, UnknownConnection
+from .memory import MemoryStorage, MemoryUsers
+from .options import ServerOptions
+from .server import Server, get, new, servers
+
+__all__ = [
+    "Auth",
+    "HashedPassword",
+    "MemoryStorage",
+    "MemoryUsers",
+    "MessageData",
+    "NameTaken",
+    "OptionError",
+    "Pop3dError",
+    "Server",
+    "ServerOptions",
+    "StateError",
+    "Storage",
+    "UnknownConnection",
+    "__version__",
+    "get",
+    "new",
+    "servers",
+    "sync_auth",
+    "sync_storage",
+]

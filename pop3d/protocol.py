@@ -1,0 +1,539 @@
+"""The POP3 protocol engine (RFC 1939, RFC 2449): bytes in, events out.
+
+:class:`POP3Connection` does no I/O and knows no callbacks.  The caller feeds
+it the client's bytes with :meth:`~POP3Connection.receive_data`, takes events
+with :meth:`~POP3Connection.next_event`, and sends whatever
+:meth:`~POP3Connection.data_to_send` returns.
+
+Commands the engine can answer from what it knows (STAT, LIST, DELE, RSET,
+NOOP, USER, CAPA, QUIT before login, and every command that is malformed or
+illegal in the current state) are answered by the engine itself and produce
+no event.  Commands that need the mailbox or the user database produce an
+event, and the caller answers through the matching method:
+
+========================  ==================================================
+event                     the caller answers with
+========================  ==================================================
+:class:`Authenticate`     :meth:`~POP3Connection.login_succeeded` or
+                          :meth:`~POP3Connection.login_failed`
+:class:`Retrieve`         :meth:`~POP3Connection.start_message`, then the
+                          returned :class:`~pop3d.message.MessageWriter`
+:class:`ListUids`         :meth:`~POP3Connection.send_uids`
+:class:`Update`           :meth:`~POP3Connection.update_finished`
+:class:`Closed`           nothing: flush, then close the connection
+========================  ==================================================
+
+Any of the answers may instead be :meth:`~POP3Connection.command_failed`,
+which sends ``-ERR [SYS/TEMP]`` and leaves the state as it was.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from . import replies
+from .message import MessageWriter
+
+__all__ = [
+    "NEED_DATA",
+    "Authenticate",
+    "Closed",
+    "Event",
+    "ListUids",
+    "LoginFailure",
+    "POP3Connection",
+    "Retrieve",
+    "State",
+    "Update",
+    "apop_digest",
+    "valid_uid",
+]
+
+DEFAULT_MAX_LINE = 1024
+DEFAULT_MAX_AUTH_FAILURES = 3
+MAX_NUMBER_DIGITS = 10
+
+
+class State(enum.Enum):
+    """The session states of RFC 1939 section 3, plus the end of the session."""
+
+    AUTHORIZATION = "auth"
+    TRANSACTION = "trans"
+    UPDATE = "update"
+    CLOSED = "closed"
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = _NeedData()
+"""Returned by :meth:`POP3Connection.next_event` when it needs more input."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Event:
+    """Base class of the events that need the caller's action."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Authenticate(Event):
+    """PASS (after USER) or APOP: check the user's secret, then lock the maildrop."""
+
+    user: str
+    mechanism: str  # "user" or "apop"
+    password: str | None = None  # for "user"
+    digest: str | None = None  # lowercase hex, for "apop"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Retrieve(Event):
+    """RETR (``body_lines is None``) or TOP of a message that exists and is not deleted."""
+
+    msg: int
+    body_lines: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ListUids(Event):
+    """UIDL: the caller fetches the unique ids of ``msgs``."""
+
+    msgs: tuple[int, ...]
+    single: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class Update(Event):
+    """QUIT in TRANSACTION: delete ``deleted`` (may be empty), then answer."""
+
+    deleted: tuple[int, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Closed(Event):
+    """The session is over: send what is left, then close the connection."""
+
+
+class LoginFailure(enum.Enum):
+    """Why a login failed, which decides the reply and its response code."""
+
+    BAD_CREDENTIALS = replies.AUTH_FAILED
+    IN_USE = replies.MAILDROP_LOCKED
+    SYS_TEMP = replies.SYS_TEMP
+
+
+def apop_digest(challenge: str, password: str) -> str:
+    """The APOP digest of RFC 1939 section 7: hex MD5 of challenge + password."""
+    data = (challenge + password).encode("utf-8", "surrogateescape")
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def valid_uid(uid: str) -> bool:
+    """RFC 1939 section 7: 1 to 70 characters in the range 0x21 to 0x7E."""
+    return 1 <= len(uid) <= 70 and all("\x21" <= c <= "\x7e" for c in uid)
+
+
+class _BadArguments(Exception):
+    pass
+
+
+def _number(text: str, *, minimum: int) -> int:
+    if not text.isascii() or not text.isdigit() or len(text) > MAX_NUMBER_DIGITS:
+        raise _BadArguments
+    value = int(text)
+    if value < minimum:
+        raise _BadArguments
+    return value
+
+
+def _printable(text: str, limit: int = 40) -> str:
+    """A client's word made safe to echo back in a reply."""
+    cleaned = "".join(c if "\x21" <= c <= "\x7e" else "?" for c in text[:limit])
+    return cleaned + ("..." if len(text) > limit else "")
+
+
+class POP3Connection:
+    """One POP3 session's protocol state, driven by its caller.
+
+    ``challenge`` is the APOP timestamp sent in the greeting.  ``capabilities``
+    are the CAPA lines.  ``max_line`` bounds a command line (CRLF included);
+    a longer one is answered with ``-ERR`` and skipped without being buffered.
+    After ``max_auth_failures`` failed logins the session is closed.
+    ``on_command`` is called with the keyword of each known command (for
+    statistics).
+    """
+
+    def __init__(
+        self,
+        *,
+        challenge: str,
+        capabilities: Sequence[str],
+        max_line: int = DEFAULT_MAX_LINE,
+        max_auth_failures: int = DEFAULT_MAX_AUTH_FAILURES,
+        on_command: Callable[[str], None] | None = None,
+    ) -> None:
+        self.challenge = challenge
+        self.capabilities = tuple(capabilities)
+        self.max_line = max_line
+        self.max_auth_failures = max_auth_failures
+        self._on_command = on_command
+        self.state = State.AUTHORIZATION
+        #: ``""``, ``"user"`` or ``"apop"``: the login mechanism the client chose.
+        self.mechanism = ""
+        #: The user name given with USER or APOP.
+        self.user = ""
+        self.auth_failures = 0
+        #: Octets of each message, taken at login; message n is ``sizes[n-1]``.
+        self.sizes: tuple[int, ...] = ()
+        #: Message numbers marked for deletion.
+        self.deleted: set[int] = set()
+        self._buffer = bytearray()
+        self._scanned = 0  # bytes of _buffer already searched for LF
+        self._discarding = False  # skipping the rest of an over-long line
+        self._outgoing = bytearray()
+        self._awaiting: type[Event] | None = None
+        self._commands: dict[State, dict[str, Callable[[list[str], str], Event | None]]] = {
+            State.AUTHORIZATION: {
+                "USER": self._user,
+                "PASS": self._pass,
+                "APOP": self._apop,
+                "QUIT": self._quit,
+                "CAPA": self._capa,
+            },
+            State.TRANSACTION: {
+                "STAT": self._stat,
+                "LIST": self._list,
+                "RETR": self._retr,
+                "DELE": self._dele,
+                "NOOP": self._noop,
+                "RSET": self._rset,
+                "QUIT": self._quit,
+                "TOP": self._top,
+                "UIDL": self._uidl,
+                "CAPA": self._capa,
+            },
+        }
+        self._known = {name for table in self._commands.values() for name in table}
+
+    # -- input ----------------------------------------------------------
+
+    def greeting(self, host: str) -> bytes:
+        """The greeting line, carrying the APOP challenge."""
+        return replies.ok(replies.GREETING.format(host=host, challenge=self.challenge))
+
+    def receive_data(self, data: bytes | bytearray) -> None:
+        """Feed bytes received from the client (``b""`` is ignored)."""
+        if self.state is State.CLOSED:
+            return  # nothing after QUIT is executed
+        self._buffer += data
+
+    def next_event(self) -> Event | _NeedData:
+        """Process buffered command lines until one needs the caller.
+
+        Returns an :class:`Event`, or :data:`NEED_DATA` when every complete
+        line has been handled.  Replies the engine made itself are waiting in
+        :meth:`data_to_send`.
+        """
+        if self._awaiting is not None:
+            raise RuntimeError(f"answer the pending {self._awaiting.__name__} first")
+        while self.state is not State.CLOSED:
+            line = self._next_line()
+            if line is None:
+                return NEED_DATA
+            event = self._dispatch(line)
+            if event is not None:
+                if not isinstance(event, Closed):
+                    self._awaiting = type(event)
+                return event
+        return Closed()
+
+    def data_to_send(self) -> bytes:
+        """Replies ready for the client; empties the outgoing buffer."""
+        out = bytes(self._outgoing)
+        self._outgoing.clear()
+        return out
+
+    def _next_line(self) -> str | None:
+        while True:
+            end = self._buffer.find(b"\n", self._scanned)
+            if end < 0:
+                if self._discarding:
+                    self._buffer.clear()
+                    self._scanned = 0
+                elif len(self._buffer) > self.max_line:
+                    self._buffer.clear()
+                    self._scanned = 0
+                    self._discarding = True
+                    self._reply(replies.err(replies.LINE_TOO_LONG.format(limit=self.max_line)))
+                else:
+                    self._scanned = len(self._buffer)
+                return None
+            raw = bytes(self._buffer[:end])
+            del self._buffer[: end + 1]
+            self._scanned = 0
+            if self._discarding:
+                self._discarding = False
+                continue
+            if end + 1 > self.max_line:
+                self._reply(replies.err(replies.LINE_TOO_LONG.format(limit=self.max_line)))
+                continue
+            if raw.endswith(b"\r"):
+                raw = raw[:-1]
+            return raw.decode("utf-8", "surrogateescape")
+
+    def _dispatch(self, line: str) -> Event | None:
+        keyword, _, rest = line.partition(" ")
+        keyword = keyword.upper()
+        if self._on_command is not None and keyword in self._known:
+            self._on_command(keyword)
+        handler = self._commands.get(self.state, {}).get(keyword)
+        if handler is None:
+            if keyword not in self._known:
+                text = replies.UNKNOWN_COMMAND.format(command=_printable(keyword))
+            elif self.state is State.AUTHORIZATION:
+                text = replies.NOT_AUTHENTICATED
+            else:
+                text = replies.ALREADY_AUTHENTICATED
+            self._reply(replies.err(text))
+            return None
+        try:
+            return handler(rest.split(), rest)
+        except _BadArguments:
+            self._reply(replies.err(replies.BAD_ARGUMENTS.format(usage=replies.USAGE[keyword])))
+            return None
+
+    def _reply(self, data: bytes) -> None:
+        self._outgoing += data
+
+    def _answered(self, event_type: type[Event]) -> None:
+        if self._awaiting is not event_type:
+            raise RuntimeError(f"no pending {event_type.__name__} to answer")
+        self._awaiting = None
+
+    # -- AUTHORIZATION --------------------------------------------------
+
+    def _user(self, args: list[str], rest: str) -> None:
+        if len(args) != 1:
+            raise _BadArguments
+        if self.mechanism == "apop":
+            self._reply(replies.err(replies.MECHANISM_APOP_CHOSEN))
+            return
+        self.mechanism = "user"
+        self.user = args[0]
+        self._reply(replies.ok(replies.USER_ACCEPTED))
+
+    def _pass(self, args: list[str], rest: str) -> Event | None:
+        # The password is the rest of the line: it may hold spaces (RFC 1939 section 7).
+        if not rest:
+            raise _BadArguments
+        if self.mechanism != "user" or not self.user:
+            self._reply(replies.err(replies.PASS_WITHOUT_USER))
+            return None
+        return Authenticate(user=self.user, mechanism="user", password=rest)
+
+    def _apop(self, args: list[str], rest: str) -> Event | None:
+        if len(args) != 2:
+            raise _BadArguments
+        if self.mechanism == "user":
+            self._reply(replies.err(replies.MECHANISM_USER_CHOSEN))
+            return None
+        self.mechanism = "apop"
+        self.user = args[0]
+        return Authenticate(user=args[0], mechanism="apop", digest=args[1].lower())
+
+    def password_matches(self, event: Authenticate, password: str) -> bool:
+        """Whether ``password`` (the user's stored plain password) proves ``event``.
+
+        Compares in constant time.
+        """
+        if event.mechanism == "apop":
+            expected = apop_digest(self.challenge, password).encode()
+            given = (event.digest or "").encode("utf-8", "surrogateescape")
+        else:
+            expected = password.encode("utf-8", "surrogateescape")
+            given = (event.password or "").encode("utf-8", "surrogateescape")
+        return hmac.compare_digest(expected, given)
+
+    def login_succeeded(self, sizes: Sequence[int]) -> None:
+        """The login was good and the maildrop is locked; ``sizes`` per message."""
+        self._answered(Authenticate)
+        self.sizes = tuple(sizes)
+        self.deleted = set()
+        self.state = State.TRANSACTION
+        self._reply(replies.ok(replies.LOGGED_IN.format(count=len(self.sizes), octets=sum(self.sizes))))
+
+    def login_failed(self, reason: LoginFailure) -> None:
+        """The login failed; the session stays in AUTHORIZATION (or ends, after too many)."""
+        self._answered(Authenticate)
+        if self.mechanism == "user":
+            self.user = ""  # a new USER is needed (RFC 1939 section 7)
+        if reason is not LoginFailure.BAD_CREDENTIALS:
+            self._reply(replies.err(reason.value))
+            return
+        self.auth_failures += 1
+        if self.auth_failures >= self.max_auth_failures:
+            self._reply(replies.err(replies.AUTH_TOO_MANY))
+            self.state = State.CLOSED
+        else:
+            self._reply(replies.err(reason.value))
+
+    # -- TRANSACTION ----------------------------------------------------
+
+    def _message(self, text: str) -> int | None:
+        """A message number argument; replies and returns None if it is not usable."""
+        msg = _number(text, minimum=1)
+        if msg > len(self.sizes):
+            self._reply(replies.err(replies.NO_SUCH_MESSAGE))
+            return None
+        if msg in self.deleted:
+            self._reply(replies.err(replies.MESSAGE_DELETED.format(msg=msg)))
+            return None
+        return msg
+
+    def _live(self) -> list[int]:
+        return [n for n in range(1, len(self.sizes) + 1) if n not in self.deleted]
+
+    def _live_octets(self) -> int:
+        return sum(self.sizes) - sum(self.sizes[n - 1] for n in self.deleted)
+
+    def _stat(self, args: list[str], rest: str) -> None:
+        if args:
+            raise _BadArguments
+        count = len(self.sizes) - len(self.deleted)
+        self._reply(replies.ok(replies.STAT.format(count=count, octets=self._live_octets())))
+
+    def _list(self, args: list[str], rest: str) -> None:
+        if len(args) > 1:
+            raise _BadArguments
+        if args:
+            msg = self._message(args[0])
+            if msg is not None:
+                self._reply(replies.ok(replies.LIST_ONE.format(msg=msg, octets=self.sizes[msg - 1])))
+            return
+        live = self._live()
+        lines = [replies.ok(replies.LIST_ALL.format(count=len(live), octets=self._live_octets()))]
+        lines += [b"%d %d\r\n" % (n, self.sizes[n - 1]) for n in live]
+        lines.append(b".\r\n")
+        self._reply(b"".join(lines))
+
+    def _retr(self, args: list[str], rest: str) -> Event | None:
+        if len(args) != 1:
+            raise _BadArguments
+        msg = self._message(args[0])
+        return None if msg is None else Retrieve(msg=msg)
+
+    def _top(self, args: list[str], rest: str) -> Event | None:
+        if len(args) != 2:
+            raise _BadArguments
+        lines = _number(args[1], minimum=0)
+        msg = self._message(args[0])
+        return None if msg is None else Retrieve(msg=msg, body_lines=lines)
+
+    def start_message(self, event: Retrieve) -> MessageWriter:
+        """Queue the ``+OK`` line of a RETR or TOP; returns the writer for the body.
+
+        Send :meth:`data_to_send` first, then each chunk through the writer,
+        then ``writer.finish()``.
+        """
+        self._answered(Retrieve)
+        if event.body_lines is None:
+            self._reply(replies.ok(replies.RETR.format(octets=self.sizes[event.msg - 1])))
+        else:
+            self._reply(replies.ok(replies.TOP))
+        return MessageWriter(event.body_lines)
+
+    def _dele(self, args: list[str], rest: str) -> None:
+        if len(args) != 1:
+            raise _BadArguments
+        msg = self._message(args[0])
+        if msg is not None:
+            self.deleted.add(msg)
+            self._reply(replies.ok(replies.DELE.format(msg=msg)))
+
+    def _noop(self, args: list[str], rest: str) -> None:
+        if args:
+            raise _BadArguments
+        self._reply(replies.ok(replies.NOOP))
+
+    def _rset(self, args: list[str], rest: str) -> None:
+        if args:
+            raise _BadArguments
+        self.deleted.clear()
+        self._reply(replies.ok(replies.RSET.format(count=len(self.sizes), octets=sum(self.sizes))))
+
+    def _uidl(self, args: list[str], rest: str) -> Event | None:
+        if len(args) > 1:
+            raise _BadArguments
+        if args:
+            msg = self._message(args[0])
+            return None if msg is None else ListUids(msgs=(msg,), single=True)
+        return ListUids(msgs=tuple(self._live()), single=False)
+
+    def send_uids(self, event: ListUids, uids: Mapping[int, str]) -> None:
+        """Answer UIDL with the unique id of each message of ``event``."""
+        self._answered(ListUids)
+        for msg in event.msgs:
+            if not valid_uid(uids[msg]):
+                raise ValueError(f"unique id of message {msg} breaks RFC 1939: {uids[msg]!r}")
+        if event.single:
+            msg = event.msgs[0]
+            self._reply(replies.ok(replies.UIDL_ONE.format(msg=msg, uid=uids[msg])))
+            return
+        lines = [replies.ok(replies.UIDL_ALL)]
+        lines += [f"{n} {uids[n]}\r\n".encode() for n in event.msgs]
+        lines.append(b".\r\n")
+        self._reply(b"".join(lines))
+
+    # -- any state ------------------------------------------------------
+
+    def _capa(self, args: list[str], rest: str) -> None:
+        if args:
+            raise _BadArguments
+        body = "".join(line + "\r\n" for line in self.capabilities)
+        self._reply(replies.ok(replies.CAPA) + body.encode() + b".\r\n")
+
+    def _quit(self, args: list[str], rest: str) -> Event:
+        if args:
+            raise _BadArguments
+        if self.state is State.TRANSACTION:
+            self.state = State.UPDATE
+            return Update(deleted=tuple(sorted(self.deleted)))
+        self._reply(replies.ok(replies.QUIT_AUTHORIZATION))
+        self.state = State.CLOSED
+        return Closed()
+
+    def update_finished(self, ok: bool) -> None:
+        """The deletions of UPDATE were applied (``ok``) or failed; ends the session."""
+        self._answered(Update)
+        if ok:
+            left = len(self.sizes) - len(self.deleted)
+            self._reply(replies.ok(replies.QUIT_UPDATE.format(count=left)))
+        else:
+            self._reply(replies.err(replies.SYS_TEMP_UPDATE))
+        self.state = State.CLOSED
+
+    def command_failed(self, event: Event) -> None:
+        """The caller could not answer ``event`` (storage failed): ``-ERR [SYS/TEMP]``.
+
+        For :class:`Update` this ends the session like :meth:`update_finished`
+        with ``ok=False``.
+        """
+        if isinstance(event, Update):
+            self.update_finished(False)
+            return
+        self._answered(type(event))
+        if isinstance(event, Authenticate) and self.mechanism == "user":
+            self.user = ""
+        self._reply(replies.err(replies.SYS_TEMP))
+
+    def close(self, reply: str | None = None) -> None:
+        """End the session from the server's side, with an optional ``-ERR`` reply."""
+        if reply is not None and self.state is not State.CLOSED:
+            self._reply(replies.err(reply))
+        self._awaiting = None
+        self.state = State.CLOSED

@@ -1,0 +1,356 @@
+"""One client connection: a thin Trio layer over the protocol engine.
+
+:class:`Session` moves bytes between a Trio stream and a
+:class:`~pop3d.protocol.POP3Connection`, and answers the engine's events by
+calling the server's ``auth`` and ``storage`` callbacks.  Every POP3 rule
+lives in the engine; what lives here is I/O, timeouts, and making sure that
+a failure ends with the lock released and nothing deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import trio
+
+from . import replies
+from .callbacks import Auth, HashedPassword, Storage, iterate_message
+from .protocol import (
+    NEED_DATA,
+    Authenticate,
+    Closed,
+    Event,
+    ListUids,
+    LoginFailure,
+    POP3Connection,
+    Retrieve,
+    State,
+    Update,
+)
+from .stats import ServerStats
+
+__all__ = ["Session", "SessionSettings"]
+
+log = logging.getLogger("pop3d.session")
+
+RECEIVE_SIZE = 65536
+SEND_BATCH = 65536
+# Unlocking must finish even while the session is being cancelled, but not hang.
+UNLOCK_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class SessionSettings:
+    """What a session takes from its server's options when it starts."""
+
+    server: str
+    hostname: str
+    auth: Auth | None
+    storage: Storage | None
+    capabilities: tuple[str, ...]
+    idle_timeout: float
+    max_line: int
+    max_auth_failures: int
+    stats: ServerStats
+
+
+class _ConnectionLost(Exception):
+    """The client went away, or the session cannot go on."""
+
+
+def _challenge(hostname: str) -> str:
+    # Unpredictable, so that an APOP digest cannot be replayed (RFC 1939 section 7).
+    return f"<{os.getpid()}.{secrets.token_hex(8)}.{int(time.time())}@{hostname}>"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Session:
+    """A POP3 session on ``stream`` with the client at ``peer`` (host, port)."""
+
+    def __init__(
+        self,
+        conn_id: str,
+        stream: trio.abc.Stream,
+        peer: tuple[str, int],
+        settings: SessionSettings,
+    ) -> None:
+        self.conn_id = conn_id
+        self.stream = stream
+        self.peer = peer
+        self.settings = settings
+        self.protocol = POP3Connection(
+            challenge=_challenge(settings.hostname),
+            capabilities=settings.capabilities,
+            max_line=settings.max_line,
+            max_auth_failures=settings.max_auth_failures,
+            on_command=self._count_command,
+        )
+        self.mailbox: str | None = None
+        self.storage: Storage | None = None  # the storage holding our lock
+        self.started = _now()
+        self.last_activity = self.started
+        self.retrieved = 0
+        self.bytes_sent = 0
+        self.deleted_count = 0
+        self.commands = 0
+        self._close_reason: str | None = None
+        self._cancel_scope = trio.CancelScope()
+        self._stats = settings.stats
+        self._stats.sessions += 1
+
+    # -- what conn_state shows ------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """The connection's state, with the keys of the original's ``conn state``."""
+        proto = self.protocol
+        return {
+            "remotehost": self.peer[0],
+            "remoteport": self.peer[1],
+            "server": self.settings.server,
+            "id": proto.challenge,
+            "connection": self.conn_id,
+            "state": proto.state.value,
+            "name": proto.user,
+            "logon": proto.mechanism,
+            "storage": self.mailbox or "",
+            "deleted": sorted(proto.deleted),
+            "msg": len(proto.sizes),
+            "size": sum(proto.sizes),
+            "started": self.started,
+            "last_activity": self.last_activity,
+        }
+
+    def close(self, reason: str | None = None) -> None:
+        """End the session from outside: no deletions, lock released.
+
+        ``reason``, if given, is sent to the client as ``-ERR reason``.
+        """
+        self._close_reason = reason
+        self._cancel_scope.cancel()
+
+    # -- the driver -----------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the session until QUIT, a timeout, an error or a cancel."""
+        began = time.monotonic()
+        try:
+            with self._cancel_scope:
+                await self._serve()
+            if self._cancel_scope.cancelled_caught and self._close_reason:
+                await self._try_send(replies.err(self._close_reason))
+        except _ConnectionLost:
+            pass
+        except Exception:
+            # Never let one connection take the server down.
+            log.exception("session %s: internal error", self.conn_id)
+            await self._try_send(replies.err(replies.SYS_TEMP))
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._release_lock()
+                await trio.aclose_forcefully(self.stream)
+            log.info(
+                "session %s user=%s remote=%s:%s retrieved=%d deleted=%d bytes=%d duration=%.3fs",
+                self.conn_id,
+                self.protocol.user or "-",
+                self.peer[0],
+                self.peer[1],
+                self.retrieved,
+                self.deleted_count,
+                self.bytes_sent,
+                time.monotonic() - began,
+            )
+
+    async def _serve(self) -> None:
+        await self._send(self.protocol.greeting(self.settings.hostname))
+        proto = self.protocol
+        while True:
+            event = proto.next_event()
+            out = proto.data_to_send()
+            if out:
+                await self._send(out)
+            if event is NEED_DATA:
+                await self._receive()
+                continue
+            assert isinstance(event, Event)
+            if isinstance(event, Closed):
+                return
+            self.commands += 1
+            await self._answer(event)
+
+    async def _receive(self) -> None:
+        data: bytes | bytearray = b""
+        with trio.move_on_after(self._idle_timeout()):
+            try:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise _ConnectionLost from exc
+            if not data:
+                raise _ConnectionLost  # the client closed its end
+            self.last_activity = _now()
+            self.protocol.receive_data(data)
+            return
+        self.protocol.close(replies.IDLE_TIMEOUT)
+        await self._try_send(self.protocol.data_to_send())
+        raise _ConnectionLost
+
+    def _idle_timeout(self) -> float:
+        return self.settings.idle_timeout if self.settings.idle_timeout > 0 else math.inf
+
+    async def _send(self, data: bytes) -> None:
+        # A client that stops reading counts as idle, too.
+        with trio.move_on_after(self._idle_timeout()) as scope:
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise _ConnectionLost from exc
+        if scope.cancelled_caught:
+            raise _ConnectionLost
+        self.bytes_sent += len(data)
+
+    async def _try_send(self, data: bytes) -> None:
+        if not data:
+            return
+        quiet = contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError)
+        with trio.move_on_after(5), trio.CancelScope(shield=True), quiet:
+            await self.stream.send_all(data)
+
+    async def _answer(self, event: Event) -> None:
+        try:
+            if isinstance(event, Authenticate):
+                await self._authenticate(event)
+            elif isinstance(event, Retrieve):
+                await self._retrieve(event)
+            elif isinstance(event, ListUids):
+                await self._list_uids(event)
+            elif isinstance(event, Update):
+                await self._update(event)
+        except (_ConnectionLost, trio.Cancelled):
+            raise
+        except Exception:
+            log.exception("session %s: %s failed", self.conn_id, type(event).__name__)
+            self._stats.errors += 1
+            self.protocol.command_failed(event)
+
+    # -- the events -----------------------------------------------------
+
+    async def _authenticate(self, event: Authenticate) -> None:
+        proto = self.protocol
+        auth = self.settings.auth
+        entry = await auth.lookup(event.user) if auth is not None else None
+        if entry is None or not await self._secret_matches(event, entry[0]):
+            log.info("session %s: login failed for %r (%s)", self.conn_id, event.user, event.mechanism)
+            self._stats.logins_failed += 1
+            proto.login_failed(LoginFailure.BAD_CREDENTIALS)
+            return
+        mailbox = entry[1]
+        storage = self.settings.storage
+        if storage is None:
+            sizes: list[int] = []  # no storage: every mailbox is empty
+        else:
+            if not await storage.lock(mailbox):
+                self._stats.logins_failed += 1
+                proto.login_failed(LoginFailure.IN_USE)
+                return
+            self.mailbox, self.storage = mailbox, storage
+            try:
+                count = await storage.stat(mailbox)
+                sizes = [await storage.size(mailbox, n) for n in range(1, count + 1)]
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await self._release_lock()
+                self.mailbox = None
+                raise
+        self.mailbox = mailbox
+        self._stats.logins_ok += 1
+        log.info("session %s: %s logged in (%s), %d messages", self.conn_id, event.user, event.mechanism, len(sizes))
+        proto.login_succeeded(sizes)
+
+    async def _secret_matches(self, event: Authenticate, secret: str | HashedPassword) -> bool:
+        if isinstance(secret, str):
+            return self.protocol.password_matches(event, secret)
+        if event.mechanism != "user" or event.password is None:
+            return False  # APOP needs the plain password, which a hash cannot give
+        return await secret.verify(event.password)
+
+    async def _retrieve(self, event: Retrieve) -> None:
+        proto = self.protocol
+        if self.storage is None or self.mailbox is None:
+            raise RuntimeError("message exists but there is no storage")
+        data = await self.storage.get(self.mailbox, event.msg)
+        chunks = aiter(iterate_message(data))
+        # Read the first chunk before +OK, so that a failing storage still gets -ERR.
+        first = await anext(chunks, b"")
+        writer = proto.start_message(event)
+        pending = bytearray(proto.data_to_send())
+        try:
+            pending += writer.feed(first)
+            async for chunk in chunks:
+                if writer.done:
+                    break
+                pending += writer.feed(chunk)
+                if len(pending) >= SEND_BATCH:
+                    await self._send(bytes(pending))
+                    pending.clear()
+        except (_ConnectionLost, trio.Cancelled):
+            raise
+        except Exception as exc:
+            # The +OK is out; the only honest thing left is to hang up.
+            log.exception("session %s: reading message %d failed", self.conn_id, event.msg)
+            raise _ConnectionLost from exc
+        finally:
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                with trio.CancelScope(shield=True):
+                    await aclose()
+        pending += writer.finish()
+        await self._send(bytes(pending))
+        if event.body_lines is None:
+            self.retrieved += 1
+            self._stats.messages_retrieved += 1
+            self._stats.bytes_retrieved += proto.sizes[event.msg - 1]
+
+    async def _list_uids(self, event: ListUids) -> None:
+        uids: dict[int, str] = {}
+        if self.storage is not None and self.mailbox is not None:
+            for msg in event.msgs:
+                uids[msg] = await self.storage.uidl(self.mailbox, msg)
+        self.protocol.send_uids(event, uids)
+
+    async def _update(self, event: Update) -> None:
+        if event.deleted and self.storage is not None and self.mailbox is not None:
+            await self.storage.dele(self.mailbox, list(event.deleted))
+            self.deleted_count = len(event.deleted)
+            self._stats.messages_deleted += len(event.deleted)
+        self.protocol.update_finished(True)
+
+    # -- cleanup --------------------------------------------------------
+
+    async def _release_lock(self) -> None:
+        storage, mailbox = self.storage, self.mailbox
+        self.storage = None
+        if storage is None or mailbox is None:
+            return
+        with trio.move_on_after(UNLOCK_TIMEOUT):
+            try:
+                await storage.unlock(mailbox)
+            except Exception:
+                log.exception("session %s: unlock of %s failed", self.conn_id, mailbox)
+
+    def _count_command(self, keyword: str) -> None:
+        self._stats.commands[keyword] += 1
+
+    @property
+    def ended(self) -> bool:
+        """Whether the protocol reached its end (QUIT answered, or closed)."""
+        return self.protocol.state is State.CLOSED
