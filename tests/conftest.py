@@ -1,0 +1,62 @@
+"""Shared fixtures.
+
+Rules for every test here: servers bind 127.0.0.1 on port 0, waits are
+bounded with ``trio.fail_after``, and timeouts run on ``autojump_clock``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import trio
+import trio.testing
+
+import pop3d
+from pop3d.message import canonical_size
+
+from .popclient import PopClient
+
+MESSAGES = [
+    b"From: bob@example.org\nSubject: one\n\nfirst\n",
+    b"From: carol@example.org\nSubject: two\n\n.starts with a dot\nsecond\n",
+    b"From: dave@example.org\nSubject: three\n\nthird, no final newline",
+]
+SIZES = [canonical_size(m) for m in MESSAGES]
+TOTAL = sum(SIZES)
+
+
+@pytest.fixture
+def users() -> pop3d.MemoryUsers:
+    return pop3d.MemoryUsers({"alice": ("wonderland", "alice"), "bob": ("builder", "bob")})
+
+
+@pytest.fixture
+def storage() -> pop3d.MemoryStorage:
+    return pop3d.MemoryStorage({"alice": MESSAGES, "bob": [b"Subject: hi\n\nbob\n"]})
+
+
+@pytest.fixture
+async def server(
+    nursery: trio.Nursery, users: pop3d.MemoryUsers, storage: pop3d.MemoryStorage
+) -> AsyncIterator[pop3d.Server]:
+    """A running server (not listening) with alice and bob; destroyed afterwards."""
+    srv = pop3d.new()
+    srv.configure(host="127.0.0.1", port=0, hostname="test.example", auth=users, storage=storage)
+    await nursery.start(srv.run)
+    yield srv
+    await srv.destroy()
+
+
+def connect(server: pop3d.Server, peer: tuple[str, int] = ("192.0.2.7", 40110)) -> PopClient:
+    """A client on a memory stream, served as a connection of ``server``."""
+    client_end, server_end = trio.testing.memory_stream_pair()
+    server.connect(server_end, peer)
+    return PopClient(client_end)
+
+
+async def wait_until(predicate: Callable[[], bool]) -> None:
+    """Wait (at most 5 s) until ``predicate()`` holds: state another task changes."""
+    with trio.fail_after(5):
+        while not predicate():  # noqa: ASYNC110 - polling state that has no event of its own
+            await trio.sleep(0.001)
