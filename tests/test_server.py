@@ -16,7 +16,6 @@ from pop3d.callbacks import MessageData
 from .conftest import MESSAGES, SIZES, TOTAL, connect, wait_until
 from .popclient import PopClient
 
-
 # -- sessions ---------------------------------------------------------------
 
 
