@@ -96,8 +96,14 @@ async def iterate_message(data: MessageData) -> AsyncIterator[bytes]:
     if isinstance(data, bytes | bytearray | memoryview):
         yield bytes(data)
         return
-    async for chunk in data:
-        yield chunk
+    try:
+        async for chunk in data:
+            yield chunk
+    finally:
+        # TOP stops early: let the storage close its file now, not at garbage collection.
+        aclose = getattr(data, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 class _SyncAuth:
