@@ -40,6 +40,7 @@ class ServerOptions(BaseModel):
         600.0, ge=0, description="Seconds a session may stay idle (RFC 1939: at least 600); 0: forever."
     )
     max_line: int = Field(1024, ge=255, le=65536, description="Longest command line accepted, CRLF included.")
+    apop: bool = Field(True, description="Offer APOP: a challenge in the greeting (needs plain passwords).")
     max_auth_failures: int = Field(3, ge=1, le=100, description="Failed logins before the session is closed.")
 
 

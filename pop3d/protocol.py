@@ -165,7 +165,8 @@ class POP3Connection:
     a longer one is answered with ``-ERR`` and skipped without being buffered.
     After ``max_auth_failures`` failed logins the session is closed.
     ``on_command`` is called with the keyword of each known command (for
-    statistics).
+    statistics).  With ``apop=False`` the greeting carries no challenge and
+    APOP is refused (for user databases that store password hashes).
     """
 
     def __init__(
@@ -176,12 +177,14 @@ class POP3Connection:
         max_line: int = DEFAULT_MAX_LINE,
         max_auth_failures: int = DEFAULT_MAX_AUTH_FAILURES,
         on_command: Callable[[str], None] | None = None,
+        apop: bool = True,
     ) -> None:
         self.challenge = challenge
         self.capabilities = tuple(capabilities)
         self.max_line = max_line
         self.max_auth_failures = max_auth_failures
         self._on_command = on_command
+        self.apop = apop
         self.state = State.AUTHORIZATION
         #: ``""``, ``"user"`` or ``"apop"``: the login mechanism the client chose.
         self.mechanism = ""
@@ -223,7 +226,9 @@ class POP3Connection:
     # -- input ----------------------------------------------------------
 
     def greeting(self, host: str) -> bytes:
-        """The greeting line, carrying the APOP challenge."""
+        """The greeting line, carrying the APOP challenge when APOP is enabled."""
+        if not self.apop:
+            return replies.ok(replies.GREETING_NO_APOP.format(host=host))
         return replies.ok(replies.GREETING.format(host=host, challenge=self.challenge))
 
     def receive_data(self, data: bytes | bytearray) -> None:
@@ -339,6 +344,9 @@ class POP3Connection:
     def _apop(self, args: list[str], rest: str) -> Event | None:
         if len(args) != 2:
             raise _BadArguments
+        if not self.apop:
+            self._reply(replies.err(replies.APOP_DISABLED))
+            return None
         if self.mechanism == "user":
             self._reply(replies.err(replies.MECHANISM_USER_CHOSEN))
             return None

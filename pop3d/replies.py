@@ -10,6 +10,7 @@ from __future__ import annotations
 
 # Greeting; ``challenge`` is the APOP timestamp ``<...@host>`` (RFC 1939 section 7).
 GREETING = "POP3 server {host} ready {challenge}"
+GREETING_NO_APOP = "POP3 server {host} ready"
 
 # AUTHORIZATION state.
 USER_ACCEPTED = "send PASS"
@@ -19,6 +20,7 @@ AUTH_FAILED = "[AUTH] invalid user name or password"
 AUTH_TOO_MANY = "[AUTH] too many failed logins, closing connection"
 MAILDROP_LOCKED = "[IN-USE] maildrop is locked by another session"
 MECHANISM_USER_CHOSEN = "login mechanism USER/PASS was chosen, APOP not allowed"
+APOP_DISABLED = "APOP is not enabled on this server, use USER and PASS"
 MECHANISM_APOP_CHOSEN = "login mechanism APOP was chosen, USER not allowed"
 NOT_AUTHENTICATED = "client not authenticated"
 ALREADY_AUTHENTICATED = "client already authenticated"

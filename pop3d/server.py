@@ -311,6 +311,7 @@ class Server:
             idle_timeout=options.idle_timeout,
             max_line=options.max_line,
             max_auth_failures=options.max_auth_failures,
+            apop=options.apop,
             stats=self.stats,
         )
 

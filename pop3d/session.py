@@ -59,6 +59,7 @@ class SessionSettings:
     idle_timeout: float
     max_line: int
     max_auth_failures: int
+    apop: bool
     stats: ServerStats
 
 
@@ -95,6 +96,7 @@ class Session:
             max_line=settings.max_line,
             max_auth_failures=settings.max_auth_failures,
             on_command=self._count_command,
+            apop=settings.apop,
         )
         self.mailbox: str | None = None
         self.storage: Storage | None = None  # the storage holding our lock

@@ -439,3 +439,11 @@ def test_server_close_sends_reply_and_stops() -> None:
     conn.receive_data(b"CAPA\r\n")
     assert isinstance(conn.next_event(), Closed)
     assert conn.data_to_send() == b""
+
+
+def test_apop_disabled() -> None:
+    conn = POP3Connection(challenge=CHALLENGE, capabilities=CAPABILITIES, apop=False)
+    assert conn.greeting("mail.example") == ok(replies.GREETING_NO_APOP.format(host="mail.example"))
+    conn.receive_data(b"APOP alice " + apop_digest(CHALLENGE, PASSWORD).encode() + b"\r\nUSER alice\r\n")
+    assert conn.next_event() is NEED_DATA
+    assert conn.data_to_send() == err(replies.APOP_DISABLED) + ok(replies.USER_ACCEPTED)

@@ -1,0 +1,51 @@
+"""The admin API's application: :func:`create_app` wires the parts together.
+
+The app must be served with its ASGI lifespan (Hypercorn does that, and so
+does ``app.test_app()`` in tests): a deferred destroy runs in the nursery
+that Quart-Trio opens for the lifespan.
+"""
+
+from __future__ import annotations
+
+from quart_schema import HttpSecurityScheme, Info, QuartSchema
+from quart_trio import QuartTrio
+
+import pop3d
+
+from .access import BearerToken, install_access
+from .errors import install_error_handlers
+from .metrics import new_registry
+from .routes import EXTENSION, AdminSettings, blueprint
+
+__all__ = ["create_app"]
+
+
+def create_app(*, token: str | None = None) -> QuartTrio:
+    """A new admin API app over the server objects of this process.
+
+    With ``token``, every endpoint but ``/healthz`` requires
+    ``Authorization: Bearer <token>``.  Whether the app may listen on a
+    given address is decided by :func:`admin.check_bind` (which
+    :func:`admin.serve_admin` calls).  The OpenAPI document is at
+    ``/openapi.json`` and a browsable page at ``/docs``.
+    """
+    app = QuartTrio("pop3d.admin")
+    bearer = BearerToken(token) if token else None
+    app.extensions[EXTENSION] = AdminSettings(token=bearer, registry=new_registry())
+    # A deferred destroy goes on by itself once the server is exiting; its
+    # background task need not hold up the API's shutdown.
+    app.config["BACKGROUND_TASK_SHUTDOWN_TIMEOUT"] = None
+    QuartSchema(
+        app,
+        info=Info(title="pop3d admin API", version=pop3d.__version__),
+        # One browsable page is enough; the others would only be more surface.
+        redoc_ui_path=None,
+        scalar_ui_path=None,
+        swagger_ui_path="/docs",
+        security_schemes={"bearer": HttpSecurityScheme(scheme="bearer")} if bearer else None,
+        security=[{"bearer": []}] if bearer else None,
+    )
+    install_error_handlers(app)
+    install_access(app, bearer)
+    app.register_blueprint(blueprint)
+    return app

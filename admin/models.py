@@ -1,0 +1,262 @@
+"""The bodies of the admin API's requests and responses, as pydantic models.
+
+Each response model has a ``of(...)`` constructor that reads a live server
+object, so the routes stay short and the mapping lives in one place.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, WithJsonSchema, create_model
+
+from pop3d.options import READ_ONLY, ServerOptions
+from pop3d.server import Server
+
+__all__ = [
+    "NOT_SETTABLE",
+    "Closing",
+    "ConfigPatch",
+    "ConfigView",
+    "ConnectionList",
+    "ConnectionState",
+    "ConnectionSummary",
+    "DestroyQuery",
+    "DestroyResult",
+    "Error",
+    "FieldError",
+    "Health",
+    "KickQuery",
+    "OptionValue",
+    "Readiness",
+    "ServerList",
+    "ServerSummary",
+    "describe",
+]
+
+# Callbacks hold credentials and file handles: the API shows them, never sets them.
+NOT_SETTABLE = ("auth", "storage", *READ_ONLY)
+
+# Flask's JSON encoder would write datetimes as RFC 822 dates; the API promises ISO 8601.
+IsoDatetime = Annotated[
+    datetime,
+    PlainSerializer(lambda value: value.isoformat(), return_type=str),
+    WithJsonSchema({"type": "string", "format": "date-time"}),
+]
+
+
+def describe(value: Any) -> Any:
+    """``value`` as JSON can show it: plain values as they are, objects by description.
+
+    An object's ``describe()`` if it has one, else its ``repr``: callbacks
+    say what they are (``maildir:/var/mail``), never a password.
+    """
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    method = getattr(value, "describe", None)
+    if callable(method):
+        return str(method())
+    return repr(value)
+
+
+class FieldError(BaseModel):
+    """One bad field of a request."""
+
+    field: str = Field(description="The option or body field, dotted for nested ones.")
+    message: str
+
+
+class Error(BaseModel):
+    """Every error response: a short code, a sentence, and for 422 the bad fields."""
+
+    error: str = Field(description="not_found, conflict, invalid, unauthorized, bad_request, ...")
+    detail: str
+    fields: list[FieldError] | None = None
+
+
+class ServerSummary(BaseModel):
+    """A server at a glance."""
+
+    name: str
+    state: Literal["down", "up", "exiting"]
+    port: int = Field(description="The bound port while up, else the configured one.")
+    configured_port: int = Field(description="The port option; 0 means the OS chooses at each up.")
+    host: str | None
+    addresses: list[str] = Field(description="HOST:PORT of each listening socket; empty unless up.")
+    connections: int = Field(description="Open POP3 connections.")
+
+    @classmethod
+    def of(cls, server: Server) -> ServerSummary:
+        """The summary of ``server`` now."""
+        return cls(
+            name=server.name,
+            state=server.state,
+            port=server.cget("port"),
+            configured_port=server.options.port,
+            host=server.options.host,
+            addresses=[f"[{host}]:{port}" if ":" in host else f"{host}:{port}" for host, port in server.addresses()],
+            connections=len(server.conn_list()),
+        )
+
+
+class ServerList(BaseModel):
+    """Every server object of the process."""
+
+    servers: list[ServerSummary]
+
+
+class ConfigView(BaseModel):
+    """Every option of a server, as ``configure()`` returns them.
+
+    ``auth`` and ``storage`` are descriptions of the callbacks.  ``port`` is
+    the bound port while the server is up.
+    """
+
+    # Options added to pop3d later still show, undocumented, until listed here.
+    model_config = ConfigDict(extra="allow")
+
+    port: int
+    host: str | None
+    auth: str | None = Field(description="What the auth callback is, e.g. passwd-file:/etc/pop3d/users.")
+    storage: str | None = Field(description="What the storage callback is, e.g. maildir:/var/mail.")
+    hostname: str
+    idle_timeout: float
+    max_line: int
+    apop: bool
+    max_auth_failures: int
+    state: Literal["down", "up", "exiting"]
+
+    @classmethod
+    def of(cls, server: Server) -> ConfigView:
+        """The options of ``server`` now."""
+        options = server.configure() or {}
+        return cls.model_validate({name: describe(value) for name, value in options.items()})
+
+
+class OptionValue(BaseModel):
+    """One option and its value."""
+
+    option: str
+    value: Any
+
+
+def _patch_model() -> type[BaseModel]:
+    # Derived from ServerOptions so that a new option is settable here at once,
+    # with the same types, limits and descriptions.  Every field is optional:
+    # only those sent are changed.
+    fields: dict[str, Any] = {}
+    for name, info in ServerOptions.model_fields.items():
+        if name in NOT_SETTABLE:
+            continue
+        annotation: Any = info.annotation
+        if info.metadata:
+            annotation = Annotated[(annotation, *info.metadata)]
+        fields[name] = (annotation, Field(None, description=info.description))
+    return create_model(
+        "ConfigPatch",
+        __config__=ConfigDict(extra="forbid"),
+        __doc__="Options to set; the others keep their values.  auth, storage and state cannot be set.",
+        **fields,
+    )
+
+
+ConfigPatch = _patch_model()
+
+
+class DestroyQuery(BaseModel):
+    """How to destroy a server."""
+
+    mode: Literal["kill", "defer"] = Field(
+        "kill", description="kill: close every connection now; defer: wait for the last one to end."
+    )
+
+
+class DestroyResult(BaseModel):
+    """What became of a destroyed server."""
+
+    name: str
+    state: Literal["destroyed", "exiting"]
+
+
+class KickQuery(BaseModel):
+    """How to close a connection."""
+
+    reason: str | None = Field(
+        None,
+        max_length=200,
+        pattern=r"^[^\r\n]*$",
+        description="Sent to the client as -ERR reason before the connection closes.",
+    )
+
+
+class ConnectionSummary(BaseModel):
+    """One open POP3 connection at a glance."""
+
+    id: str = Field(description="The connection id, as in conn_list.")
+    remote_host: str
+    remote_port: int
+    user: str | None = Field(description="The user, once given.")
+    state: str = Field(description="auth, trans, update or closed.")
+    started: IsoDatetime
+    last_activity: IsoDatetime
+
+    @classmethod
+    def of(cls, state: dict[str, Any]) -> ConnectionSummary:
+        """The summary of a connection from its ``conn_state``."""
+        return cls(
+            id=state["connection"],
+            remote_host=state["remotehost"],
+            remote_port=state["remoteport"],
+            user=state["name"] or None,
+            state=state["state"],
+            started=state["started"],
+            last_activity=state["last_activity"],
+        )
+
+
+class Closing(BaseModel):
+    """A connection told to close that has not finished closing yet."""
+
+    connection: str
+    state: Literal["closing"] = "closing"
+
+
+class ConnectionList(BaseModel):
+    """The open connections of a server."""
+
+    connections: list[ConnectionSummary]
+
+
+class ConnectionState(BaseModel):
+    """Everything ``conn_state`` tells about a connection (the keys of tcllib's ``conn state``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    remotehost: str
+    remoteport: int
+    server: str
+    id: str = Field(description="The APOP challenge sent in the greeting (not the connection id).")
+    connection: str = Field(description="The connection id.")
+    state: str
+    name: str = Field(description="The user, once given; else empty.")
+    logon: str = Field(description="How the user logs in (user or apop); else empty.")
+    storage: str = Field(description="The mailbox, once logged in.")
+    deleted: list[int] = Field(description="Messages marked for deletion.")
+    msg: int = Field(description="Messages in the maildrop.")
+    size: int = Field(description="Octets in the maildrop.")
+    started: IsoDatetime
+    last_activity: IsoDatetime
+
+
+class Health(BaseModel):
+    """The process is alive."""
+
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    """Whether every server that should be listening is."""
+
+    ready: bool
+    not_listening: list[str] = Field(description="Servers that are up but have no open listening socket.")

@@ -1,0 +1,266 @@
+"""The endpoints of the admin API, over the server objects of this process.
+
+Every route finds its server through :func:`pop3d.get` at request time, so
+servers created or destroyed by anyone else are seen at once.  The routes
+only translate: the rules (what may be set, which transitions are legal)
+stay in :class:`pop3d.Server`, whose exceptions become error responses in
+:mod:`admin.errors`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import cast
+
+import trio
+from prometheus_client import CollectorRegistry
+from pydantic import BaseModel
+from quart import Blueprint, Quart, Response, current_app, request
+from quart_schema import security_scheme, tag, validate_querystring, validate_request, validate_response
+
+import pop3d
+from pop3d.errors import OptionError
+from pop3d.server import Server
+
+from .access import BearerToken
+from .errors import ApiError
+from .health import not_listening
+from .metrics import render
+from .models import (
+    Closing,
+    ConfigPatch,
+    ConfigView,
+    ConnectionList,
+    ConnectionState,
+    ConnectionSummary,
+    DestroyQuery,
+    DestroyResult,
+    Health,
+    KickQuery,
+    OptionValue,
+    Readiness,
+    ServerList,
+    ServerSummary,
+    describe,
+)
+
+__all__ = ["EXTENSION", "AdminSettings", "blueprint", "settings_of"]
+
+EXTENSION = "pop3d.admin"
+
+# How long a request waits for a closing connection, or for a deferred destroy
+# to stop listening, before it answers 202 and lets the rest happen later.
+SETTLE_TIMEOUT = 2.0
+_POLL = 0.005
+
+blueprint = Blueprint("admin", __name__)
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    """What the routes need from the factory, kept in ``app.extensions``."""
+
+    token: BearerToken | None
+    registry: CollectorRegistry
+
+
+def settings_of(app: Quart) -> AdminSettings:
+    """The :class:`AdminSettings` of an app made by :func:`admin.create_app`."""
+    return cast(AdminSettings, app.extensions[EXTENSION])
+
+
+def _server(name: str) -> Server:
+    try:
+        return pop3d.get(name)
+    except KeyError:
+        raise ApiError(404, f"no server named {name!r}") from None
+
+
+async def _settle(done: Callable[[], bool]) -> bool:
+    """Wait until ``done()``, for at most :data:`SETTLE_TIMEOUT`; whether it became true."""
+    with trio.move_on_after(SETTLE_TIMEOUT):
+        # The server API offers no event for "session ended" or "destroy has
+        # reached exiting"; both happen within a few scheduler ticks, so a
+        # short poll is simple and cheap.
+        while not done():  # noqa: ASYNC110
+            await trio.sleep(_POLL)
+    return done()
+
+
+# -- servers ----------------------------------------------------------------
+
+
+@blueprint.get("/servers")
+@tag(["servers"])
+@validate_response(ServerList)
+async def list_servers() -> ServerList:
+    """Every server object: name, state, true port and open connections."""
+    return ServerList(servers=[ServerSummary.of(server) for _, server in sorted(pop3d.servers().items())])
+
+
+@blueprint.get("/servers/<name>")
+@tag(["servers"])
+@validate_response(ServerSummary)
+async def get_server(name: str) -> ServerSummary:
+    """One server at a glance."""
+    return ServerSummary.of(_server(name))
+
+
+@blueprint.post("/servers/<name>/up")
+@tag(["servers"])
+@validate_response(ServerSummary)
+async def server_up(name: str) -> ServerSummary:
+    """Start listening on the configured host and port (409 if that fails or the server is exiting)."""
+    server = _server(name)
+    await server.up()
+    return ServerSummary.of(server)
+
+
+@blueprint.post("/servers/<name>/down")
+@tag(["servers"])
+@validate_response(ServerSummary)
+async def server_down(name: str) -> ServerSummary:
+    """Stop listening; open connections carry on."""
+    server = _server(name)
+    await server.down()
+    return ServerSummary.of(server)
+
+
+async def _destroy_deferred(server: Server, finished: trio.Event) -> None:
+    try:
+        await server.destroy("defer")
+    finally:
+        finished.set()
+
+
+@blueprint.delete("/servers/<name>")
+@tag(["servers"])
+@validate_querystring(DestroyQuery)
+@validate_response(DestroyResult, 200)
+@validate_response(DestroyResult, 202)
+async def destroy_server(name: str, query_args: DestroyQuery) -> tuple[DestroyResult, int]:
+    """Destroy the server: ``kill`` closes every connection now (200); ``defer`` stops
+    listening and lets open connections finish (202, state ``exiting``; 200 if
+    there were none)."""
+    server = _server(name)
+    if query_args.mode == "kill":
+        # Finish what was asked even if the client hangs up; a kill is quick
+        # (sessions get a bounded time to unlock their mailboxes).
+        with trio.CancelScope(shield=True):
+            await server.destroy("kill")
+        return DestroyResult(name=name, state="destroyed"), 200
+    # destroy("defer") returns only after the last connection has ended, which
+    # may be hours away: it runs in the app's nursery, and the request waits
+    # only until it has stopped listening.
+    finished = trio.Event()
+    current_app.add_background_task(_destroy_deferred, server, finished)
+    await _settle(lambda: finished.is_set() or server.state == "exiting")
+    if finished.is_set() or server.destroyed:
+        return DestroyResult(name=name, state="destroyed"), 200
+    return DestroyResult(name=name, state="exiting"), 202
+
+
+# -- options ----------------------------------------------------------------
+
+
+@blueprint.get("/servers/<name>/config")
+@tag(["options"])
+@validate_response(ConfigView)
+async def get_config(name: str) -> ConfigView:
+    """Every option; ``auth`` and ``storage`` show what the callbacks are."""
+    return ConfigView.of(_server(name))
+
+
+@blueprint.patch("/servers/<name>/config")
+@tag(["options"])
+@validate_request(ConfigPatch)
+@validate_response(ConfigView)
+async def patch_config(name: str, data: BaseModel) -> ConfigView:
+    """Set the options given, all or none (422 naming each bad field).  A new port applies at the next up."""
+    server = _server(name)
+    changes = data.model_dump(exclude_unset=True)
+    if changes:  # configure() with no arguments reads instead of writing
+        server.configure(**changes)
+    return ConfigView.of(server)
+
+
+@blueprint.get("/servers/<name>/config/<option>")
+@tag(["options"])
+@validate_response(OptionValue)
+async def get_option(name: str, option: str) -> OptionValue:
+    """One option (404 if there is no such option)."""
+    server = _server(name)
+    try:
+        value = server.cget(option)
+    except OptionError:
+        raise ApiError(404, f"no option {option!r}") from None
+    return OptionValue(option=option, value=describe(value))
+
+
+# -- connections ------------------------------------------------------------
+
+
+@blueprint.get("/servers/<name>/connections")
+@tag(["connections"])
+@validate_response(ConnectionList)
+async def list_connections(name: str) -> ConnectionList:
+    """The open connections, each in short."""
+    server = _server(name)
+    return ConnectionList(connections=[ConnectionSummary.of(server.conn_state(conn)) for conn in server.conn_list()])
+
+
+@blueprint.get("/servers/<name>/connections/<conn_id>")
+@tag(["connections"])
+@validate_response(ConnectionState)
+async def get_connection(name: str, conn_id: str) -> ConnectionState:
+    """Everything ``conn_state`` says about one connection."""
+    return ConnectionState.model_validate(_server(name).conn_state(conn_id))
+
+
+@blueprint.delete("/servers/<name>/connections/<conn_id>")
+@tag(["connections"])
+@validate_querystring(KickQuery)
+@validate_response(Closing, 202)
+async def close_connection(name: str, conn_id: str, query_args: KickQuery) -> Response | tuple[Closing, int]:
+    """Close one connection: its deletions are not applied, its mailbox is unlocked.
+
+    204 once it is closed; 202 if it is still closing (a slow unlock, say).
+    """
+    server = _server(name)
+    server.close_connection(conn_id, query_args.reason)
+    if not await _settle(lambda: conn_id not in server.conn_list()):
+        return Closing(connection=conn_id), 202
+    response = current_app.response_class(status=204)
+    del response.headers["Content-Type"]  # no body, so no type (not text/html)
+    return response
+
+
+# -- monitoring -------------------------------------------------------------
+
+
+@blueprint.get("/metrics")
+@tag(["monitoring"])
+async def metrics() -> Response:
+    """Prometheus metrics of every server (text format 0.0.4, or what ``Accept`` asks for)."""
+    body, content_type = render(settings_of(current_app).registry, request.headers.get("Accept"))
+    return current_app.response_class(body, content_type=content_type)
+
+
+@blueprint.get("/healthz")
+@tag(["monitoring"])
+@security_scheme([])  # open even when a token is set
+@validate_response(Health)
+async def healthz() -> Health:
+    """The process is alive (always 200, and open without a token)."""
+    return Health()
+
+
+@blueprint.get("/readyz")
+@tag(["monitoring"])
+@validate_response(Readiness, 200)
+@validate_response(Readiness, 503)
+async def readyz() -> tuple[Readiness, int]:
+    """200 if every server that is up has its listening sockets open, else 503 naming the others."""
+    missing = not_listening(pop3d.servers())
+    return Readiness(ready=not missing, not_listening=missing), 503 if missing else 200

@@ -1,0 +1,156 @@
+"""The ``pop3d`` command: ``serve``, and ``user add|passwd|remove|list``.
+
+Errors are one line on stderr (``pop3d: error: ...``) and exit status 2.
+Passwords are read from a prompt, or from stdin when it is not a terminal;
+never from the command line, where other users could see them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from . import __version__
+from .errors import Pop3dError
+from .settings import DEFAULT_ADMIN, DEFAULT_LISTEN, SettingsError, load_settings
+
+__all__ = ["main"]
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pop3d", description="A POP3 server (RFC 1939) on Trio.")
+    parser.add_argument("--version", action="version", version=f"pop3d {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the server",
+        description="Serve Maildirs to POP3 clients. Settings come from flags, POP3D_* variables, "
+        "then the --config TOML file. With no --users/--mail-root, serves a demo data directory.",
+    )
+    serve.add_argument("--config", type=Path, metavar="FILE", help="TOML file with settings")
+    serve.add_argument(
+        "--listen", action="append", metavar="HOST:PORT", help=f"POP3 address, repeatable (default {DEFAULT_LISTEN})"
+    )
+    serve.add_argument("--users", type=Path, metavar="FILE", help="Dovecot-style passwd-file")
+    serve.add_argument("--mail-root", type=Path, metavar="DIR", help="directory with one Maildir per user")
+    serve.add_argument("--hostname", metavar="NAME", help="host name in the greeting")
+    serve.add_argument("--idle-timeout", type=float, metavar="SECONDS", help="idle session timeout (default 600)")
+    serve.add_argument("--apop", action="store_true", default=None, help="offer APOP (only {PLAIN} users can use it)")
+    serve.add_argument("--grace-period", type=float, metavar="SECONDS", help="time to finish at shutdown (default 30)")
+    serve.add_argument("--admin", metavar="HOST:PORT", help=f"admin HTTP API address (default {DEFAULT_ADMIN})")
+    serve.add_argument("--no-admin", action="store_true", default=None, help="do not start the admin API")
+    serve.add_argument("--admin-token-file", type=Path, metavar="FILE", help="file with the admin API bearer token")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
+
+    user = commands.add_parser("user", help="manage the users of a passwd-file")
+    actions = user.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, text in (
+        ("add", "add a user (the password is stored as {ARGON2ID})"),
+        ("passwd", "change a user's password"),
+        ("remove", "remove a user"),
+        ("list", "list the users"),
+    ):
+        action = actions.add_parser(name, help=text)
+        if name != "list":
+            action.add_argument("name", help="user name")
+        action.add_argument(
+            "--users", type=Path, metavar="FILE", help="the passwd-file (default: $POP3D_USERS)", default=None
+        )
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> None:
+    cli: dict[str, Any] = {
+        key: value
+        for key, value in {
+            "listen": args.listen,
+            "users": args.users,
+            "mail_root": args.mail_root,
+            "hostname": args.hostname,
+            "idle_timeout": args.idle_timeout,
+            "grace_period": args.grace_period,
+            "apop": args.apop,
+            "admin": args.admin,
+            "no_admin": args.no_admin,
+            "admin_token_file": args.admin_token_file,
+            "log_level": args.log_level,
+        }.items()
+        if value is not None
+    }
+    settings = load_settings(cli, args.config)
+    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    for noisy in ("hypercorn.access", "hypercorn.error"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    from .serve import serve
+
+    trio.run(serve, settings)
+
+
+def _users_file(args: argparse.Namespace) -> Path:
+    path = args.users or (Path(os.environ["POP3D_USERS"]) if os.environ.get("POP3D_USERS") else None)
+    if path is None:
+        raise SettingsError("users: give --users FILE or set POP3D_USERS")
+    return Path(path)
+
+
+def _read_password() -> str:
+    if sys.stdin.isatty():
+        first = getpass.getpass("New password: ")
+        if getpass.getpass("Again: ") != first:
+            raise SettingsError("password: the two passwords differ")
+        password = first
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise SettingsError("password: empty")
+    return password
+
+
+def _user(args: argparse.Namespace) -> None:
+    from . import passwd
+
+    path = _users_file(args)
+    if args.action == "list":
+        for name in passwd.list_users(path):
+            print(name)
+    elif args.action == "add":
+        passwd.add_user(path, args.name, _read_password())
+        print(f"added {args.name} to {path}", file=sys.stderr)
+    elif args.action == "passwd":
+        passwd.set_password(path, args.name, _read_password())
+        print(f"changed the password of {args.name}", file=sys.stderr)
+    elif args.action == "remove":
+        passwd.remove_user(path, args.name)
+        print(f"removed {args.name} from {path}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            _serve(args)
+        else:
+            _user(args)
+    except (Pop3dError, OSError) as exc:
+        print(f"pop3d: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc) if not isinstance(exc, OSError) or not exc.filename else f"{exc.filename}: {exc.strerror}"
+    return " ".join(text.split())

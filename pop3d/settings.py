@@ -1,0 +1,186 @@
+"""Settings of ``pop3d serve``: command line, ``POP3D_*`` variables, a TOML file.
+
+One pydantic model, :class:`ServeSettings`, validates them all.  A setting
+given on the command line wins over the environment, which wins over the
+TOML file, which wins over the default.  Every problem becomes one line:
+:func:`load_settings` raises :class:`SettingsError` with a message that
+names the setting.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+import pydantic
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from .errors import Pop3dError
+
+__all__ = ["DEFAULT_ADMIN", "DEFAULT_LISTEN", "Address", "ServeSettings", "SettingsError", "load_settings"]
+
+DEFAULT_LISTEN = "127.0.0.1:1110"
+DEFAULT_ADMIN = "127.0.0.1:8110"
+
+
+class SettingsError(Pop3dError):
+    """A setting is missing, unknown or bad; the message is one line."""
+
+
+class Address(pydantic.BaseModel):
+    """A ``HOST:PORT`` to listen on (``[::1]:110`` for IPv6; ``*`` for every address)."""
+
+    model_config = pydantic.ConfigDict(frozen=True)
+
+    host: str | None
+    port: int = Field(ge=0, le=65535)
+
+    @classmethod
+    def parse(cls, text: str) -> Address:
+        """Parse ``HOST:PORT``; raises ``ValueError`` with a readable message."""
+        host, sep, port = text.strip().rpartition(":")
+        if not sep or not host or not port:
+            raise ValueError(f"{text!r} is not HOST:PORT")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"bad port {port!r} in {text!r} (0 to 65535)")
+        return cls(host=None if host in ("*", "") else host, port=int(port))
+
+    def __str__(self) -> str:
+        host = "*" if self.host is None else (f"[{self.host}]" if ":" in self.host else self.host)
+        return f"{host}:{self.port}"
+
+
+def _address(value: Any) -> Any:
+    if isinstance(value, str):
+        return Address.parse(value)
+    return value
+
+
+def _addresses(value: Any) -> Any:
+    if isinstance(value, str):
+        value = [part for part in value.split(",") if part.strip()]
+    if isinstance(value, list | tuple):
+        return [_address(item) for item in value]
+    return value
+
+
+_toml_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar("_toml_path", default=None)
+
+
+class ServeSettings(BaseSettings):
+    """Everything ``pop3d serve`` can be told."""
+
+    model_config = SettingsConfigDict(env_prefix="POP3D_", extra="forbid", validate_default=True)
+
+    listen: Annotated[list[Address], NoDecode] = Field(
+        default_factory=lambda: [Address.parse(DEFAULT_LISTEN)],
+        description="Addresses for POP3 (HOST:PORT, comma-separated in the environment).",
+    )
+    users: Path | None = Field(None, description="Dovecot-style passwd-file; default: the demo data.")
+    mail_root: Path | None = Field(None, description="Directory of Maildirs, one per user; default: the demo data.")
+    hostname: str | None = Field(None, description="Host name in the greeting; default: the machine's.")
+    idle_timeout: float = Field(600.0, ge=0, description="Seconds before an idle session is closed.")
+    apop: bool = Field(False, description="Offer APOP (users with {PLAIN} passwords only), as Dovecot can.")
+    grace_period: float = Field(30.0, ge=0, description="Seconds open sessions get to finish at shutdown.")
+    admin: Address | None = Field(
+        default_factory=lambda: Address.parse(DEFAULT_ADMIN), description="Address of the admin HTTP API."
+    )
+    no_admin: bool = Field(False, description="Do not start the admin HTTP API.")
+    admin_token: SecretStr | None = Field(None, description="Bearer token the admin API requires.")
+    admin_token_file: Path | None = Field(None, description="File holding the admin API's bearer token.")
+    log_level: str = Field("info", pattern="^(?i:debug|info|warning|error)$", description="Log level.")
+
+    _listen_parse = field_validator("listen", mode="before")(lambda cls, v: _addresses(v))
+    _admin_parse = field_validator("admin", mode="before")(lambda cls, v: _address(v))
+
+    @field_validator("users", "admin_token_file")
+    @classmethod
+    def _file_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
+
+    @field_validator("mail_root")
+    @classmethod
+    def _dir_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_dir():
+            raise ValueError(f"no such directory: {value}")
+        return value
+
+    @field_validator("listen")
+    @classmethod
+    def _some_listen(cls, value: list[Address]) -> list[Address]:
+        if not value:
+            raise ValueError("give at least one HOST:PORT")
+        return value
+
+    def token(self) -> str | None:
+        """The admin token, from the setting or the token file (stripped)."""
+        if self.admin_token is not None:
+            return self.admin_token.get_secret_value() or None
+        if self.admin_token_file is not None:
+            return self.admin_token_file.read_text().strip() or None
+        return None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Command line (init) > environment > TOML file > defaults.
+        return (init_settings, env_settings, _TomlSource(settings_cls))
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+        super().__init__(settings_cls)
+        path = _toml_path.get()
+        self._data: dict[str, Any] = {}
+        if path is not None:
+            with path.open("rb") as file:
+                raw = tomllib.load(file)
+            # TOML keys may use dashes, like the command-line flags.
+            self._data = {key.replace("-", "_"): value for key, value in raw.items()}
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._data)
+
+
+def load_settings(cli: dict[str, Any], config: Path | None = None) -> ServeSettings:
+    """Settings from the command line's values, the environment and ``config``.
+
+    ``cli`` holds only what was given on the command line.
+    """
+    if config is not None and not config.is_file():
+        raise SettingsError(f"config: no such file: {config}")
+    token = _toml_path.set(config)
+    try:
+        return ServeSettings(**cli)
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"config {config}: not valid TOML: {exc}") from None
+    except pydantic.ValidationError as exc:
+        first = exc.errors()[0]
+        name = ".".join(str(part) for part in first["loc"] if not isinstance(part, int)) or "settings"
+        message = "unknown setting" if first["type"] == "extra_forbidden" else first["msg"]
+        message = message.removeprefix("Value error, ")
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise SettingsError(f"{name.replace('_', '-')}: {message}{more}") from None
+    finally:
+        _toml_path.reset(token)

@@ -1,0 +1,110 @@
+"""Run ``pop3d serve`` as a real subprocess for end-to-end tests.
+
+The process listens on ``127.0.0.1:0``; the ports it got are read from its
+``ready`` log line.  Everything is bounded in time, and the process is
+killed if a test leaves it running.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+READY = re.compile(r"ready (?P<pop3>.*?) admin=(?P<admin>\S+)")
+
+
+class ServeProcess:
+    """A ``pop3d serve`` process and what it logged."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+        full_env = dict(os.environ)
+        full_env.pop("POP3D_ADMIN_TOKEN", None)
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pop3d", "serve", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=full_env,
+            cwd=cwd,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.pop3: dict[str, tuple[str, int]] = {}
+        self.admin: str | None = None
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def wait_for(self, pattern: str, timeout: float = 20) -> re.Match[str]:
+        """The first logged line (old or new) matching ``pattern``."""
+        regex = re.compile(pattern)
+        for line in self.lines:
+            if match := regex.search(line):
+                return match
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no line matching {pattern!r}; got:\n" + "\n".join(self.lines))
+            try:
+                line = self._queue.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise EOFError(f"process ended before {pattern!r}; got:\n" + "\n".join(self.lines))
+            self.lines.append(line)
+            if match := regex.search(line):
+                return match
+
+    def wait_ready(self) -> ServeProcess:
+        match = self.wait_for(READY.pattern)
+        for item in match["pop3"].split():
+            name, _, address = item.partition("=")
+            host, _, port = address.rpartition(":")
+            self.pop3[name] = (host.strip("[]"), int(port))
+        self.admin = None if match["admin"] == "off" else match["admin"]
+        return self
+
+    @property
+    def port(self) -> int:
+        return self.pop3["pop3"][1]
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float = 30) -> int:
+        code = self.proc.wait(timeout)
+        # Collect what is left of the log.
+        while True:
+            try:
+                line = self._queue.get(timeout=5)
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            self.lines.append(line)
+        return code
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def __enter__(self) -> ServeProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
