@@ -12,18 +12,22 @@ __version__ = "0.1.0"
 
 from .callbacks import Auth, HashedPassword, MessageData, Storage, sync_auth, sync_storage
 from .errors import NameTaken, OptionError, Pop3dError, StateError, UnknownConnection
+from .maildir import MaildirStorage
 from .memory import MemoryStorage, MemoryUsers
 from .options import ServerOptions
+from .passwd import PasswdFile
 from .server import Server, get, new, servers
 
 __all__ = [
     "Auth",
     "HashedPassword",
+    "MaildirStorage",
     "MemoryStorage",
     "MemoryUsers",
     "MessageData",
     "NameTaken",
     "OptionError",
+    "PasswdFile",
     "Pop3dError",
     "Server",
     "ServerOptions",

@@ -64,6 +64,13 @@ def _parser() -> argparse.ArgumentParser:
         action = actions.add_parser(name, help=text)
         if name != "list":
             action.add_argument("name", help="user name")
+        if name in ("add", "passwd"):
+            action.add_argument(
+                "--scheme",
+                choices=["ARGON2ID", "BLF-CRYPT", "SHA512-CRYPT", "PLAIN"],
+                default="ARGON2ID",
+                help="how to store the password (default ARGON2ID; APOP needs PLAIN)",
+            )
         action.add_argument(
             "--users", type=Path, metavar="FILE", help="the passwd-file (default: $POP3D_USERS)", default=None
         )
@@ -125,10 +132,10 @@ def _user(args: argparse.Namespace) -> None:
         for name in passwd.list_users(path):
             print(name)
     elif args.action == "add":
-        passwd.add_user(path, args.name, _read_password())
+        passwd.add_user(path, args.name, _read_password(), scheme=args.scheme)
         print(f"added {args.name} to {path}", file=sys.stderr)
     elif args.action == "passwd":
-        passwd.set_password(path, args.name, _read_password())
+        passwd.set_password(path, args.name, _read_password(), scheme=args.scheme)
         print(f"changed the password of {args.name}", file=sys.stderr)
     elif args.action == "remove":
         passwd.remove_user(path, args.name)

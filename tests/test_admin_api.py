@@ -199,6 +199,7 @@ async def test_get_config_describes_callbacks_without_secrets(client: Client, se
         "hostname": "test.example",
         "idle_timeout": 600.0,
         "max_line": 1024,
+        "apop": True,
         "max_auth_failures": 3,
         "state": "up",
     }

@@ -286,5 +286,7 @@ def test_user_commands(tmp_path: Path) -> None:
     assert pop3d_cli("user", "list", "--users", str(users)).stdout.split() == ["carol"]
     missing = pop3d_cli("user", "remove", "nobody", "--users", str(users))
     assert missing.returncode == 2 and "nobody" in missing.stderr
+    plain = pop3d_cli("user", "add", "erin", "--scheme", "PLAIN", "--users", str(users), stdin="apop-pw\n")
+    assert plain.returncode == 0 and "erin:{PLAIN}apop-pw\n" in users.read_text()
     no_file = pop3d_cli("user", "list", env={"POP3D_USERS": ""})
     assert no_file.returncode == 2 and "--users" in no_file.stderr
