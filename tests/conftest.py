@@ -7,6 +7,7 @@ bounded with ``trio.fail_after``, and timeouts run on ``autojump_clock``.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
 import trio
@@ -16,6 +17,7 @@ import pop3d
 from pop3d.message import canonical_size
 
 from .popclient import PopClient
+from .serve_process import make_site
 
 MESSAGES = [
     b"From: bob@example.org\nSubject: one\n\nfirst\n",
@@ -24,6 +26,12 @@ MESSAGES = [
 ]
 SIZES = [canonical_size(m) for m in MESSAGES]
 TOTAL = sum(SIZES)
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    """A passwd-file and Maildirs on disk, for ``pop3d serve`` (see ``serve_process.make_site``)."""
+    return make_site(tmp_path)
 
 
 @pytest.fixture

@@ -19,6 +19,46 @@ from pathlib import Path
 
 READY = re.compile(r"ready (?P<pop3>.*?) admin=(?P<admin>\S+)")
 
+WELCOME = b"From: a@example.org\nSubject: first\n\nHello,\n.dot line\nbye\n"
+SECOND = b"From: b@example.org\nSubject: second\n\nSecond message.\n"
+
+
+def pop3d_cli(*args: str, stdin: str = "", env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the ``pop3d`` command to completion."""
+    return subprocess.run(
+        [sys.executable, "-m", "pop3d", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def make_site(root: Path) -> Path:
+    """A passwd-file with alice (ARGON2ID, added by the CLI) and bob (PLAIN), and their Maildirs."""
+    users = root / "users"
+    users.write_text("# test users\nbob:{PLAIN}builder\n")
+    result = pop3d_cli("user", "add", "alice", "--users", str(users), stdin="wonderland\n")
+    assert result.returncode == 0, result.stderr
+    for user, messages in (("alice", [WELCOME, SECOND]), ("bob", [])):
+        for sub in ("cur", "new", "tmp"):
+            (root / "mail" / user / sub).mkdir(parents=True)
+        for number, data in enumerate(messages):
+            (root / "mail" / user / "new" / f"17000000{number:02d}.M{number}P1.test").write_bytes(data)
+    return root
+
+
+def serve_args(site: Path, *extra: str) -> list[str]:
+    """Flags for ``pop3d serve`` on a free loopback port over the site of :func:`make_site`."""
+    return ["--listen", "127.0.0.1:0", "--users", str(site / "users"), "--mail-root", str(site / "mail"), *extra]
+
+
+def mail_files(site: Path, user: str = "alice") -> list[str]:
+    """The message files of ``user``'s Maildir."""
+    box = site / "mail" / user
+    return sorted(p.name for sub in ("new", "cur") for p in (box / sub).iterdir())
+
 
 class ServeProcess:
     """A ``pop3d serve`` process and what it logged."""

@@ -17,63 +17,16 @@ from pathlib import Path
 
 import pytest
 
-from .serve_process import ServeProcess
+from .serve_process import SECOND, WELCOME, ServeProcess, mail_files, pop3d_cli, serve_args
 
 CURL = shutil.which("curl")
 needs_curl = pytest.mark.skipif(CURL is None, reason="curl is not installed (.ci/run installs it)")
 
-WELCOME = b"From: a@example.org\nSubject: first\n\nHello,\n.dot line\nbye\n"
-SECOND = b"From: b@example.org\nSubject: second\n\nSecond message.\n"
-
-
-def pop3d_cli(*args: str, stdin: str = "", env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pop3d", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, **(env or {})},
-    )
-
-
-@pytest.fixture
-def site(tmp_path: Path) -> Path:
-    """A passwd-file with alice (ARGON2ID, added by the CLI) and bob (PLAIN), and their Maildirs."""
-    users = tmp_path / "users"
-    users.write_text("# test users\nbob:{PLAIN}builder\n")
-    result = pop3d_cli("user", "add", "alice", "--users", str(users), stdin="wonderland\n")
-    assert result.returncode == 0, result.stderr
-    for user, messages in (("alice", [WELCOME, SECOND]), ("bob", [])):
-        for sub in ("cur", "new", "tmp"):
-            (tmp_path / "mail" / user / sub).mkdir(parents=True)
-        for number, data in enumerate(messages):
-            (tmp_path / "mail" / user / "new" / f"17000000{number:02d}.M{number}P1.test").write_bytes(data)
-    return tmp_path
-
-
-def serve_args(site: Path, *extra: str) -> list[str]:
-    return [
-        "--listen",
-        "127.0.0.1:0",
-        "--users",
-        str(site / "users"),
-        "--mail-root",
-        str(site / "mail"),
-        "--no-admin",
-        *extra,
-    ]
-
 
 @pytest.fixture
 def server(site: Path) -> Iterator[ServeProcess]:
-    with ServeProcess(*serve_args(site, "--grace-period", "10")) as proc:
+    with ServeProcess(*serve_args(site, "--no-admin", "--grace-period", "10")) as proc:
         yield proc.wait_ready()
-
-
-def mail_files(site: Path, user: str = "alice") -> list[str]:
-    root = site / "mail" / user
-    return sorted(p.name for sub in ("new", "cur") for p in (root / sub).iterdir())
 
 
 def test_poplib_retrieves_and_deletes(server: ServeProcess, site: Path) -> None:
@@ -105,7 +58,7 @@ def test_bad_password_and_no_apop_by_default(server: ServeProcess) -> None:
 
 
 def test_apop_when_enabled(site: Path) -> None:
-    with ServeProcess(*serve_args(site, "--apop")) as proc:
+    with ServeProcess(*serve_args(site, "--no-admin", "--apop")) as proc:
         proc.wait_ready()
         pop = poplib.POP3("127.0.0.1", proc.port, timeout=10)
         assert pop.apop("bob", "builder").startswith(b"+OK")  # APOP works for {PLAIN}
@@ -133,7 +86,7 @@ def test_curl_retrieves_and_deletes(server: ServeProcess, site: Path) -> None:
 
 
 def test_second_process_on_the_same_mail_root_gets_in_use(server: ServeProcess, site: Path) -> None:
-    with ServeProcess(*serve_args(site)) as other:
+    with ServeProcess(*serve_args(site, "--no-admin")) as other:
         other.wait_ready()
         first = poplib.POP3("127.0.0.1", server.port, timeout=10)
         first.user("alice")
@@ -149,7 +102,7 @@ def test_second_process_on_the_same_mail_root_gets_in_use(server: ServeProcess, 
 
 
 def test_sigkill_mid_session_loses_nothing(site: Path) -> None:
-    with ServeProcess(*serve_args(site)) as proc:
+    with ServeProcess(*serve_args(site, "--no-admin")) as proc:
         proc.wait_ready()
         pop = poplib.POP3("127.0.0.1", proc.port, timeout=10)
         pop.user("alice")
@@ -159,7 +112,7 @@ def test_sigkill_mid_session_loses_nothing(site: Path) -> None:
         proc.signal(signal.SIGKILL)
         proc.wait()
     assert len(mail_files(site)) == 2
-    with ServeProcess(*serve_args(site)) as proc:
+    with ServeProcess(*serve_args(site, "--no-admin")) as proc:
         proc.wait_ready()
         pop = poplib.POP3("127.0.0.1", proc.port, timeout=10)
         pop.user("alice")
@@ -169,7 +122,7 @@ def test_sigkill_mid_session_loses_nothing(site: Path) -> None:
 
 
 def test_sigterm_lets_an_open_session_finish(site: Path) -> None:
-    with ServeProcess(*serve_args(site, "--grace-period", "20")) as proc:
+    with ServeProcess(*serve_args(site, "--no-admin", "--grace-period", "20")) as proc:
         proc.wait_ready()
         pop = poplib.POP3("127.0.0.1", proc.port, timeout=10)
         pop.user("alice")
@@ -187,7 +140,7 @@ def test_sigterm_lets_an_open_session_finish(site: Path) -> None:
 
 
 def test_sigterm_grace_period_ends_with_nothing_deleted(site: Path) -> None:
-    with ServeProcess(*serve_args(site, "--grace-period", "0.5")) as proc:
+    with ServeProcess(*serve_args(site, "--no-admin", "--grace-period", "0.5")) as proc:
         proc.wait_ready()
         pop = poplib.POP3("127.0.0.1", proc.port, timeout=10)
         pop.user("alice")
