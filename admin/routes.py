@@ -9,7 +9,7 @@ stay in :class:`pop3d.Server`, whose exceptions become error responses in
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
 from dataclasses import dataclass
 from typing import cast
 
@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 from quart import Blueprint, Quart, Response, current_app, request
 from quart_schema import security_scheme, tag, validate_querystring, validate_request, validate_response
+from quart_trio import QuartTrio
 
 import pop3d
 from pop3d.errors import OptionError
@@ -49,12 +50,12 @@ __all__ = ["EXTENSION", "AdminSettings", "blueprint", "settings_of"]
 
 EXTENSION = "pop3d.admin"
 
-# How long a request waits for a closing connection, or for a deferred destroy
-# to stop listening, before it answers 202 and lets the rest happen later.
+# How long a request waits for a closing connection before it answers 202
+# and lets the rest happen later.
 SETTLE_TIMEOUT = 2.0
-_POLL = 0.005
 
 blueprint = Blueprint("admin", __name__)
+log = logging.getLogger("pop3d.admin")
 
 
 @dataclass(frozen=True)
@@ -75,17 +76,6 @@ def _server(name: str) -> Server:
         return pop3d.get(name)
     except KeyError:
         raise ApiError(404, f"no server named {name!r}") from None
-
-
-async def _settle(done: Callable[[], bool]) -> bool:
-    """Wait until ``done()``, for at most :data:`SETTLE_TIMEOUT`; whether it became true."""
-    with trio.move_on_after(SETTLE_TIMEOUT):
-        # The server API offers no event for "session ended" or "destroy has
-        # reached exiting"; both happen within a few scheduler ticks, so a
-        # short poll is simple and cheap.
-        while not done():  # noqa: ASYNC110
-            await trio.sleep(_POLL)
-    return done()
 
 
 # -- servers ----------------------------------------------------------------
@@ -127,11 +117,11 @@ async def server_down(name: str) -> ServerSummary:
     return ServerSummary.of(server)
 
 
-async def _destroy_deferred(server: Server, finished: trio.Event) -> None:
+async def _destroy_deferred(server: Server, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     try:
-        await server.destroy("defer")
-    finally:
-        finished.set()
+        await server.destroy("defer", task_status=task_status)
+    except Exception:
+        log.exception("deferred destroy of %s failed", server.name)
 
 
 @blueprint.delete("/servers/<name>")
@@ -153,10 +143,9 @@ async def destroy_server(name: str, query_args: DestroyQuery) -> tuple[DestroyRe
     # destroy("defer") returns only after the last connection has ended, which
     # may be hours away: it runs in the app's nursery, and the request waits
     # only until it has stopped listening.
-    finished = trio.Event()
-    current_app.add_background_task(_destroy_deferred, server, finished)
-    await _settle(lambda: finished.is_set() or server.state == "exiting")
-    if finished.is_set() or server.destroyed:
+    app = cast(QuartTrio, current_app)
+    await app.nursery.start(_destroy_deferred, server)  # back once it has stopped listening
+    if server.destroyed:
         return DestroyResult(name=name, state="destroyed"), 200
     return DestroyResult(name=name, state="exiting"), 202
 
@@ -227,9 +216,11 @@ async def close_connection(name: str, conn_id: str, query_args: KickQuery) -> Re
 
     204 once it is closed; 202 if it is still closing (a slow unlock, say).
     """
-    server = _server(name)
-    server.close_connection(conn_id, query_args.reason)
-    if not await _settle(lambda: conn_id not in server.conn_list()):
+    session = _server(name).session(conn_id)
+    session.close(query_args.reason)
+    with trio.move_on_after(SETTLE_TIMEOUT):
+        await session.finished.wait()
+    if not session.finished.is_set():
         return Closing(connection=conn_id), 202
     response = current_app.response_class(status=204)
     del response.headers["Content-Type"]  # no body, so no type (not text/html)

@@ -274,29 +274,44 @@ class Server:
         self._listeners = []
         self._true_port = None
 
-    async def destroy(self, mode: Literal["kill", "defer"] = "kill") -> None:
+    async def destroy(
+        self,
+        mode: Literal["kill", "defer"] = "kill",
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         """Destroy the server, returning once it is gone.
 
         ``kill`` closes every connection at once: locks are released and
         nothing is deleted.  ``defer`` stops listening and waits until the
-        last connection has ended; a ``kill`` meanwhile still works.
+        last connection has ended; a ``kill`` meanwhile still works.  With
+        ``await nursery.start(server.destroy, "defer")``, the caller goes on
+        as soon as the server has stopped listening and is ``exiting`` (or,
+        with no connections open, is gone).
         """
         if mode not in ("kill", "defer"):
             raise ValueError(f"destroy mode must be 'kill' or 'defer', not {mode!r}")
         if self._destroyed:
+            task_status.started()
             return
+        deferring = False
         async with self._transition:
             await self._stop_listening()
             if mode == "defer" and self._sessions:
                 self._state = "exiting"
+                deferring = True
                 log.info("server %s exiting after %d connections", self.name, len(self._sessions))
             else:
                 self._destroying.set()
+        if deferring:
+            task_status.started()
         if self._ran:
             await self._finished.wait()
         else:
             self._destroying.set()
             self._finish()
+        if not deferring:
+            task_status.started()
 
     # -- connections ----------------------------------------------------
 

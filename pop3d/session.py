@@ -108,6 +108,8 @@ class Session:
         self.commands = 0
         self._close_reason: str | None = None
         self._cancel_scope = trio.CancelScope()
+        #: Set when the session is over: socket closed, lock released.
+        self.finished = trio.Event()
         self._stats = settings.stats
         self._stats.sessions += 1
 
@@ -161,6 +163,7 @@ class Session:
             with trio.CancelScope(shield=True):
                 await self._release_lock()
                 await trio.aclose_forcefully(self.stream)
+            self.finished.set()
             log.info(
                 "session %s user=%s remote=%s:%s retrieved=%d deleted=%d bytes=%d duration=%.3fs",
                 self.conn_id,

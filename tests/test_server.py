@@ -612,3 +612,20 @@ async def test_stats_count_what_happened(server: pop3d.Server) -> None:
     assert (stats.sessions, stats.logins_ok, stats.logins_failed) == (1, 1, 1)
     assert (stats.messages_retrieved, stats.bytes_retrieved, stats.messages_deleted) == (1, SIZES[0], 1)
     assert stats.commands["USER"] == 2 and stats.commands["RETR"] == 1 and stats.commands["QUIT"] == 1
+
+
+async def test_start_destroy_defer_returns_once_exiting(users: pop3d.MemoryUsers, storage: pop3d.MemoryStorage) -> None:
+    server = pop3d.new()
+    server.configure(auth=users, storage=storage)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            client = connect(server)
+            await client.read_line()
+            [conn_id] = server.conn_list()
+            session = server.session(conn_id)
+            await nursery.start(server.destroy, "defer")
+            assert server.state == "exiting" and not server.destroyed
+            await client.command("QUIT")
+            await session.finished.wait()
+    assert server.destroyed
