@@ -17,6 +17,7 @@ It prints figures; it asserts nothing.  Every loop is bounded.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import subprocess
@@ -34,6 +35,12 @@ def peak_rss_mb(pid: int) -> float:
     text = Path(f"/proc/{pid}/status").read_text()
     match = re.search(r"VmHWM:\s+(\d+) kB", text)
     return int(match.group(1)) / 1024 if match else float("nan")
+
+
+def reset_peak_rss(pid: int) -> None:
+    # Writing 5 to clear_refs resets VmHWM (Linux 4.0+), so the peak is this step's.
+    with contextlib.suppress(OSError):
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
 def rss_mb(pid: int) -> float:
@@ -115,6 +122,7 @@ async def retr_big(port: int, pid: int) -> tuple[float, float, float]:
         await client.command("USER big")
         await client.command("PASS pw")
         before = rss_mb(pid)
+        reset_peak_rss(pid)
         start = time.perf_counter()
         await client.command("RETR 1")
         size = await client.drain_multiline()
