@@ -124,6 +124,9 @@ class ConfigView(BaseModel):
     idle_timeout: float
     max_line: int
     apop: bool
+    login_failure_delay: float
+    max_connections: int
+    max_connections_per_ip: int
     max_auth_failures: int
     state: Literal["down", "up", "exiting"]
 

@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ log = logging.getLogger("pop3d.maildir")
 CHUNK_SIZE = 65536
 """Bytes per chunk that :meth:`MaildirStorage.get` yields."""
 INDEX_NAME = "pop3d-index"
+# About 100 bytes a message: room for millions of messages, not for a hostile file.
+MAX_INDEX_SIZE = 512 * 1024 * 1024
 """The index file in each Maildir."""
 LOCK_NAME = "pop3d.lock"
 """The lock file in each Maildir."""
@@ -147,10 +150,27 @@ class _Maildrop:
     total: int = 0
 
 
+def _read_index_file(path: str) -> bytes:
+    # The mailbox's owner controls this directory: no symlinks (to /dev/zero,
+    # say), no FIFOs (which would block a worker thread forever), no giants.
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("not a regular file")
+        if st.st_size > MAX_INDEX_SIZE:
+            raise ValueError(f"larger than {MAX_INDEX_SIZE} bytes")
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def _load_index(maildir: str) -> dict[str, Any]:
     try:
-        with open(os.path.join(maildir, INDEX_NAME), "rb") as f:
-            data = json.loads(f.read())
+        data = json.loads(_read_index_file(os.path.join(maildir, INDEX_NAME)))
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as exc:

@@ -41,6 +41,11 @@ class ServerOptions(BaseModel):
     )
     max_line: int = Field(1024, ge=255, le=65536, description="Longest command line accepted, CRLF included.")
     apop: bool = Field(True, description="Offer APOP: a challenge in the greeting (needs plain passwords).")
+    login_failure_delay: float = Field(
+        1.0, ge=0, le=60, description="Seconds after a login command before a failure is answered."
+    )
+    max_connections: int = Field(1000, ge=1, description="Open connections at most; more are refused.")
+    max_connections_per_ip: int = Field(100, ge=1, description="Open connections from one address at most.")
     max_auth_failures: int = Field(3, ge=1, le=100, description="Failed logins before the session is closed.")
 
 

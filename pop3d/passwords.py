@@ -235,6 +235,19 @@ def _scheme_by_form(secret: str, *, crypt_only: bool) -> str | None:
     return "PLAIN"
 
 
+HASH_CONCURRENCY = 2
+_HASH_LIMITER: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("pop3d_hash_limiter")
+
+
+def _hash_limiter() -> trio.CapacityLimiter:
+    try:
+        return _HASH_LIMITER.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(HASH_CONCURRENCY)
+        _HASH_LIMITER.set(limiter)
+        return limiter
+
+
 class StoredPassword:
     """A password as stored: a scheme and its secret.
 
@@ -265,10 +278,16 @@ class StoredPassword:
         return _CHECKERS[self.scheme](self._secret, password)
 
     async def verify(self, password: str) -> bool:
-        """Whether ``password`` matches; slow hashes are checked in a worker thread."""
+        """Whether ``password`` matches; slow hashes are checked in a worker thread.
+
+        At most :data:`HASH_CONCURRENCY` checks run at once per event loop:
+        each ARGON2ID check takes about 64 MiB and a core for a tenth of a
+        second, so logins must not be able to take every thread and all
+        memory.
+        """
         if self.problem is not None or self.scheme == "PLAIN":
             return self.check(password)
-        return await trio.to_thread.run_sync(self.check, password)
+        return await trio.to_thread.run_sync(self.check, password, limiter=_hash_limiter())
 
     def __repr__(self) -> str:
         return f"<StoredPassword {self.scheme or 'unknown scheme'}{' (invalid)' if self.problem else ''}>"

@@ -33,13 +33,15 @@ import enum
 import hashlib
 import hmac
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import replies
 from .message import MessageWriter
 
 __all__ = [
     "NEED_DATA",
+    "OUTGOING_LIMIT",
+    "PAUSED",
     "Authenticate",
     "Closed",
     "Event",
@@ -76,6 +78,17 @@ NEED_DATA = _NeedData()
 """Returned by :meth:`POP3Connection.next_event` when it needs more input."""
 
 
+class _Paused:
+    def __repr__(self) -> str:
+        return "PAUSED"
+
+
+PAUSED = _Paused()
+"""Returned by :meth:`POP3Connection.next_event` when replies must be sent first."""
+
+OUTGOING_LIMIT = 65536
+
+
 @dataclass(frozen=True, kw_only=True)
 class Event:
     """Base class of the events that need the caller's action."""
@@ -87,8 +100,8 @@ class Authenticate(Event):
 
     user: str
     mechanism: str  # "user" or "apop"
-    password: str | None = None  # for "user"
-    digest: str | None = None  # lowercase hex, for "apop"
+    password: str | None = field(default=None, repr=False)  # for "user"; never in a repr or log
+    digest: str | None = field(default=None, repr=False)  # lowercase hex, for "apop"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -196,7 +209,8 @@ class POP3Connection:
         #: Message numbers marked for deletion.
         self.deleted: set[int] = set()
         self._buffer = bytearray()
-        self._scanned = 0  # bytes of _buffer already searched for LF
+        self._start = 0  # where the next line begins in _buffer
+        self._scanned = 0  # _buffer before this was searched for LF already
         self._discarding = False  # skipping the rest of an over-long line
         self._outgoing = bytearray()
         self._awaiting: type[Event] | None = None
@@ -235,18 +249,27 @@ class POP3Connection:
         """Feed bytes received from the client (``b""`` is ignored)."""
         if self.state is State.CLOSED:
             return  # nothing after QUIT is executed
+        if self._start:
+            # Drop the lines already handled once per read, not once per line.
+            del self._buffer[: self._start]
+            self._scanned -= self._start
+            self._start = 0
         self._buffer += data
 
-    def next_event(self) -> Event | _NeedData:
+    def next_event(self) -> Event | _NeedData | _Paused:
         """Process buffered command lines until one needs the caller.
 
-        Returns an :class:`Event`, or :data:`NEED_DATA` when every complete
-        line has been handled.  Replies the engine made itself are waiting in
-        :meth:`data_to_send`.
+        Returns an :class:`Event`, :data:`NEED_DATA` when every complete
+        line has been handled, or :data:`PAUSED` when the replies waiting in
+        :meth:`data_to_send` have reached :data:`OUTGOING_LIMIT` (send them,
+        then call again: a client that pipelines faster than it reads gets
+        back-pressure instead of an ever-growing buffer).
         """
         if self._awaiting is not None:
             raise RuntimeError(f"answer the pending {self._awaiting.__name__} first")
         while self.state is not State.CLOSED:
+            if len(self._outgoing) >= OUTGOING_LIMIT:
+                return PAUSED
             line = self._next_line()
             if line is None:
                 return NEED_DATA
@@ -265,31 +288,33 @@ class POP3Connection:
 
     def _next_line(self) -> str | None:
         while True:
-            end = self._buffer.find(b"\n", self._scanned)
+            end = self._buffer.find(b"\n", max(self._scanned, self._start))
             if end < 0:
                 if self._discarding:
-                    self._buffer.clear()
-                    self._scanned = 0
-                elif len(self._buffer) > self.max_line:
-                    self._buffer.clear()
-                    self._scanned = 0
+                    self._drop_partial_line()
+                elif len(self._buffer) - self._start > self.max_line:
+                    self._drop_partial_line()
                     self._discarding = True
                     self._reply(replies.err(replies.LINE_TOO_LONG.format(limit=self.max_line)))
                 else:
                     self._scanned = len(self._buffer)
                 return None
-            raw = bytes(self._buffer[:end])
-            del self._buffer[: end + 1]
-            self._scanned = 0
+            raw = bytes(self._buffer[self._start : end])
+            length = end + 1 - self._start
+            self._start = self._scanned = end + 1
             if self._discarding:
                 self._discarding = False
                 continue
-            if end + 1 > self.max_line:
+            if length > self.max_line:
                 self._reply(replies.err(replies.LINE_TOO_LONG.format(limit=self.max_line)))
                 continue
             if raw.endswith(b"\r"):
                 raw = raw[:-1]
             return raw.decode("utf-8", "surrogateescape")
+
+    def _drop_partial_line(self) -> None:
+        self._buffer.clear()
+        self._start = self._scanned = 0
 
     def _dispatch(self, line: str) -> Event | None:
         keyword, _, rest = line.partition(" ")
@@ -483,11 +508,16 @@ class POP3Connection:
         return ListUids(msgs=tuple(self._live()), single=False)
 
     def send_uids(self, event: ListUids, uids: Mapping[int, str]) -> None:
-        """Answer UIDL with the unique id of each message of ``event``."""
-        self._answered(ListUids)
+        """Answer UIDL with the unique id of each message of ``event``.
+
+        A missing or malformed id raises ``ValueError`` and leaves the event
+        pending, so that the caller can still answer it with
+        :meth:`command_failed`.
+        """
         for msg in event.msgs:
-            if not valid_uid(uids[msg]):
-                raise ValueError(f"unique id of message {msg} breaks RFC 1939: {uids[msg]!r}")
+            if not valid_uid(uids.get(msg, "")):
+                raise ValueError(f"unique id of message {msg} breaks RFC 1939: {uids.get(msg)!r}")
+        self._answered(ListUids)
         if event.single:
             msg = event.msgs[0]
             self._reply(replies.ok(replies.UIDL_ONE.format(msg=msg, uid=uids[msg])))

@@ -48,6 +48,10 @@ BAD_ARGUMENTS = "bad arguments: usage {usage}"
 LINE_TOO_LONG = "line too long, at most {limit} octets"
 IDLE_TIMEOUT = "idle for too long, closing connection"
 
+# Connections over the server's limits, answered instead of the greeting.
+TOO_MANY_CONNECTIONS = "[SYS/TEMP] too many connections, try again later"
+TOO_MANY_FROM_ADDRESS = "[SYS/TEMP] too many connections from your address"
+
 # Storage failures (RFC 3206).
 SYS_TEMP = "[SYS/TEMP] mailbox temporarily unavailable, try again later"
 SYS_TEMP_UPDATE = "[SYS/TEMP] some deleted messages were not removed"

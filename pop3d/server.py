@@ -16,14 +16,16 @@ A :class:`Server` runs inside a nursery its caller gives it::
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import trio
 
-from . import __version__
+from . import __version__, replies
 from .errors import NameTaken, OptionError, StateError, UnknownConnection
 from .options import ServerOptions, validate_options
 from .session import Session, SessionSettings
@@ -100,6 +102,7 @@ class Server:
         self._listener_done: trio.Event | None = None
         self._listeners: list[trio.SocketListener] = []
         self._sessions: dict[str, Session] = {}
+        self._per_address: Counter[str] = Counter()
         self._ids = itertools.count(1)
         self._transition = trio.Lock()
         self._destroying = trio.Event()
@@ -326,6 +329,7 @@ class Server:
             idle_timeout=options.idle_timeout,
             max_line=options.max_line,
             max_auth_failures=options.max_auth_failures,
+            login_failure_delay=options.login_failure_delay,
             apop=options.apop,
             stats=self.stats,
         )
@@ -340,13 +344,24 @@ class Server:
         connection; tests call it with one end of
         :func:`trio.testing.memory_stream_pair`.
         """
+        options = self._options
+        if len(self._sessions) >= options.max_connections:
+            await _refuse(stream, replies.TOO_MANY_CONNECTIONS)
+            return
+        if peer[0] and self._per_address[peer[0]] >= options.max_connections_per_ip:
+            await _refuse(stream, replies.TOO_MANY_FROM_ADDRESS)
+            return
         conn_id = f"conn{next(self._ids)}"
         session = Session(conn_id, stream, peer, self._settings())
         self._sessions[conn_id] = session
+        self._per_address[peer[0]] += 1
         try:
             await session.run()
         finally:
             del self._sessions[conn_id]
+            self._per_address[peer[0]] -= 1
+            if not self._per_address[peer[0]]:
+                del self._per_address[peer[0]]
             if self._state == "exiting" and not self._sessions:
                 self._destroying.set()
 
@@ -379,6 +394,15 @@ class Server:
     def close_connection(self, conn_id: str, reason: str | None = None) -> None:
         """Close one connection: its deletions are not applied, its lock is released."""
         self.session(conn_id).close(reason)
+
+
+async def _refuse(stream: trio.abc.Stream, text: str) -> None:
+    """Answer a connection over the limits with ``-ERR`` and close it."""
+    log.warning("refusing a connection: %s", text)
+    with trio.move_on_after(5):
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.send_all(replies.err(text))
+    await trio.aclose_forcefully(stream)
 
 
 class _Started:

@@ -9,7 +9,6 @@ a failure ends with the lock released and nothing deleted.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -25,6 +24,7 @@ from . import replies
 from .callbacks import Auth, HashedPassword, Storage, iterate_message
 from .protocol import (
     NEED_DATA,
+    PAUSED,
     Authenticate,
     Closed,
     Event,
@@ -45,6 +45,8 @@ RECEIVE_SIZE = 65536
 SEND_BATCH = 65536
 # Unlocking must finish even while the session is being cancelled, but not hang.
 UNLOCK_TIMEOUT = 10.0
+# How long a last "-ERR ..." before closing may take: the client may not be reading.
+CLOSING_SEND_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,6 +61,7 @@ class SessionSettings:
     idle_timeout: float
     max_line: int
     max_auth_failures: int
+    login_failure_delay: float
     apop: bool
     stats: ServerStats
 
@@ -70,6 +73,11 @@ class _ConnectionLost(Exception):
 def _challenge(hostname: str) -> str:
     # Unpredictable, so that an APOP digest cannot be replayed (RFC 1939 section 7).
     return f"<{os.getpid()}.{secrets.token_hex(8)}.{int(time.time())}@{hostname}>"
+
+
+def _printable(text: str) -> str:
+    """A client's word made safe for a log line (no control characters)."""
+    return "".join(c if c.isprintable() and not c.isspace() else "?" for c in text[:64])
 
 
 def _now() -> datetime:
@@ -107,6 +115,8 @@ class Session:
         self.deleted_count = 0
         self.commands = 0
         self._close_reason: str | None = None
+        self._replying = False  # a reply has started going out and is not complete
+        self._in_message = False  # between the +OK of RETR/TOP and its final "."
         self._cancel_scope = trio.CancelScope()
         #: Set when the session is over: socket closed, lock released.
         self.finished = trio.Event()
@@ -162,12 +172,15 @@ class Session:
         finally:
             with trio.CancelScope(shield=True):
                 await self._release_lock()
-                await trio.aclose_forcefully(self.stream)
+                try:
+                    await trio.aclose_forcefully(self.stream)
+                except Exception:
+                    log.exception("session %s: closing the stream failed", self.conn_id)
             self.finished.set()
             log.info(
                 "session %s user=%s remote=%s:%s retrieved=%d deleted=%d bytes=%d duration=%.3fs",
                 self.conn_id,
-                self.protocol.user or "-",
+                _printable(self.protocol.user) or "-",
                 self.peer[0],
                 self.peer[1],
                 self.retrieved,
@@ -187,6 +200,8 @@ class Session:
             if event is NEED_DATA:
                 await self._receive()
                 continue
+            if event is PAUSED:
+                continue  # the replies went out above; go on with the buffered lines
             assert isinstance(event, Event)
             if isinstance(event, Closed):
                 return
@@ -214,6 +229,7 @@ class Session:
 
     async def _send(self, data: bytes) -> None:
         # A client that stops reading counts as idle, too.
+        self._replying = True
         with trio.move_on_after(self._idle_timeout()) as scope:
             try:
                 await self.stream.send_all(data)
@@ -222,13 +238,21 @@ class Session:
         if scope.cancelled_caught:
             raise _ConnectionLost
         self.bytes_sent += len(data)
+        if not self._in_message:
+            self._replying = False
 
     async def _try_send(self, data: bytes) -> None:
-        if not data:
-            return
-        quiet = contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError)
-        with trio.move_on_after(5), trio.CancelScope(shield=True), quiet:
-            await self.stream.send_all(data)
+        """Send a last line, if the client is between replies; never raises, never hangs."""
+        if not data or self._replying:
+            return  # inside a reply, a -ERR line would read as part of it
+        # The shield goes outside the deadline: inside, it would block the deadline too.
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSING_SEND_TIMEOUT):
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
+                pass
+            except Exception:
+                log.exception("session %s: sending the last reply failed", self.conn_id)
 
     async def _answer(self, event: Event) -> None:
         try:
@@ -252,10 +276,15 @@ class Session:
     async def _authenticate(self, event: Authenticate) -> None:
         proto = self.protocol
         auth = self.settings.auth
+        started = trio.current_time()
         entry = await auth.lookup(event.user) if auth is not None else None
         if entry is None or not await self._secret_matches(event, entry[0]):
             log.info("session %s: login failed for %r (%s)", self.conn_id, event.user, event.mechanism)
             self._stats.logins_failed += 1
+            # Every failure is answered at the same time after the command, so the
+            # time does not tell an unknown user (no hash checked) from a wrong
+            # password, and guessing is slow.
+            await trio.sleep_until(started + self.settings.login_failure_delay)
             proto.login_failed(LoginFailure.BAD_CREDENTIALS)
             return
         mailbox = entry[1]
@@ -298,6 +327,7 @@ class Session:
         first = await anext(chunks, b"")
         writer = proto.start_message(event)
         pending = bytearray(proto.data_to_send())
+        self._in_message = self._replying = True
         try:
             pending += writer.feed(first)
             async for chunk in chunks:
@@ -317,8 +347,12 @@ class Session:
             aclose = getattr(chunks, "aclose", None)
             if aclose is not None:
                 with trio.CancelScope(shield=True):
-                    await aclose()
+                    try:
+                        await aclose()
+                    except Exception:
+                        log.exception("session %s: closing message %d failed", self.conn_id, event.msg)
         pending += writer.finish()
+        self._in_message = False
         await self._send(bytes(pending))
         if event.body_lines is None:
             self.retrieved += 1

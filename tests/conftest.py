@@ -50,7 +50,7 @@ async def server(
 ) -> AsyncIterator[pop3d.Server]:
     """A running server (not listening) with alice and bob; destroyed afterwards."""
     srv = pop3d.new()
-    srv.configure(host="127.0.0.1", port=0, hostname="test.example", auth=users, storage=storage)
+    srv.configure(host="127.0.0.1", port=0, hostname="test.example", auth=users, storage=storage, login_failure_delay=0)
     await nursery.start(srv.run)
     yield srv
     await srv.destroy()

@@ -200,6 +200,9 @@ async def test_get_config_describes_callbacks_without_secrets(client: Client, se
         "idle_timeout": 600.0,
         "max_line": 1024,
         "apop": True,
+        "login_failure_delay": 1.0,
+        "max_connections": 1000,
+        "max_connections_per_ip": 100,
         "max_auth_failures": 3,
         "state": "up",
     }

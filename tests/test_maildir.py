@@ -653,3 +653,22 @@ async def test_end_to_end_with_poplib(tmp_path: Path) -> None:
     assert await after.lock("alice")  # the session let go
     assert await after.stat("alice") == 1
     await after.unlock("alice")
+
+
+async def test_index_that_is_not_a_regular_file_is_ignored(tmp_path: Path) -> None:
+    box = tmp_path / "alice"
+    for sub in ("cur", "new", "tmp"):
+        (box / sub).mkdir(parents=True)
+    (box / "new" / "1700000000.M1P1.host").write_bytes(b"Subject: x\n\nbody\n")
+    os.mkfifo(box / maildir_module.INDEX_NAME)  # would block a plain open() forever
+    storage = MaildirStorage(tmp_path)
+    with trio.fail_after(10):
+        assert await storage.lock("alice")
+        assert await storage.stat("alice") == 1
+        await storage.unlock("alice")
+    (box / maildir_module.INDEX_NAME).unlink()
+    (box / maildir_module.INDEX_NAME).symlink_to("/dev/zero")
+    with trio.fail_after(10):
+        assert await storage.lock("alice")
+        assert await storage.size("alice", 1) == len(b"Subject: x\r\n\r\nbody\r\n")
+        await storage.unlock("alice")

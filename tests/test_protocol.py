@@ -15,6 +15,8 @@ from pop3d import replies
 from pop3d.message import canonical_size
 from pop3d.protocol import (
     NEED_DATA,
+    OUTGOING_LIMIT,
+    PAUSED,
     Authenticate,
     Closed,
     ListUids,
@@ -58,6 +60,8 @@ class Driver:
             out += self.conn.data_to_send()
             if event is NEED_DATA:
                 return out
+            if event is PAUSED:
+                continue
             self.events.append(event)
             if isinstance(event, Closed):
                 self.closed = True
@@ -410,6 +414,9 @@ def test_uids_are_checked() -> None:
     assert isinstance(event, ListUids)
     with pytest.raises(ValueError):
         conn.send_uids(event, {1: "has space"})
+    conn.command_failed(event)  # the event is still pending, so this answers it
+    assert conn.data_to_send().endswith(err(replies.SYS_TEMP))
+    assert conn.next_event() is NEED_DATA
 
 
 @pytest.mark.parametrize(
@@ -447,3 +454,22 @@ def test_apop_disabled() -> None:
     conn.receive_data(b"APOP alice " + apop_digest(CHALLENGE, PASSWORD).encode() + b"\r\nUSER alice\r\n")
     assert conn.next_event() is NEED_DATA
     assert conn.data_to_send() == err(replies.APOP_DISABLED) + ok(replies.USER_ACCEPTED)
+
+
+def test_pipelining_faster_than_reading_pauses_for_back_pressure() -> None:
+    conn = new_conn()
+    conn.receive_data(b"CAPA\r\n" * 5000)
+    chunks = []
+    while (event := conn.next_event()) is not NEED_DATA:
+        assert event is PAUSED
+        chunks.append(conn.data_to_send())
+    chunks.append(conn.data_to_send())
+    assert b"".join(chunks) == CAPA_REPLY * 5000
+    assert len(chunks) > 2
+    assert max(map(len, chunks)) < OUTGOING_LIMIT + len(CAPA_REPLY)
+
+
+def test_passwords_stay_out_of_reprs() -> None:
+    event = Authenticate(user="alice", mechanism="user", password="hunter2")
+    assert "hunter2" not in repr(event)
+    assert "alice" in repr(event)

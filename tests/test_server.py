@@ -629,3 +629,123 @@ async def test_start_destroy_defer_returns_once_exiting(users: pop3d.MemoryUsers
             await client.command("QUIT")
             await session.finished.wait()
     assert server.destroyed
+
+
+# -- limits and hostile clients --------------------------------------------------
+
+
+def connect_lockstep(server: pop3d.Server, peer: tuple[str, int] = ("192.0.2.9", 40111)) -> PopClient:
+    """A client whose end does not buffer: the server's sends wait until it reads."""
+    client_end, server_end = trio.testing.lockstep_stream_pair()
+    server.connect(server_end, peer)
+    return PopClient(client_end)
+
+
+async def test_kick_with_reason_of_a_client_that_does_not_read(
+    server: pop3d.Server, storage: pop3d.MemoryStorage, autojump_clock: object
+) -> None:
+    storage.add("carol", b"Subject: big\n\n" + b"line\n" * 200_000)
+    server.configure(auth=pop3d.MemoryUsers({"carol": ("pw", "carol")}))
+    client = connect_lockstep(server)
+    await client.read_line()
+    await client.login("carol", "pw")
+    await client.send(b"RETR 1\r\n")  # and never read the reply
+    [conn_id] = server.conn_list()
+    session = server.session(conn_id)
+    await trio.sleep(1)
+    server.close_connection(conn_id, "maintenance")
+    with trio.fail_after(60):
+        await session.finished.wait()
+    assert not storage.is_locked("carol")
+
+
+class ChunkedStorage(pop3d.MemoryStorage):
+    """Memory storage that hands out messages in 4 KiB chunks, like a file."""
+
+    async def get(self, mbox: str, msg: int) -> MessageData:
+        data = await super().get(mbox, msg)
+        assert isinstance(data, bytes)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for start in range(0, len(data), 4096):
+                yield data[start : start + 4096]
+
+        return chunks()
+
+
+async def test_kick_inside_a_message_sends_no_error_line(server: pop3d.Server) -> None:
+    storage = ChunkedStorage({"carol": [b"Subject: big\n\n" + b"line\n" * 200_000]})
+    server.configure(auth=pop3d.MemoryUsers({"carol": ("pw", "carol")}), storage=storage)
+    client = connect_lockstep(server)
+    await client.read_line()
+    await client.login("carol", "pw")
+    await client.send(b"RETR 1\r\n")
+    received = await client.stream.receive_some(1000)
+    [conn_id] = server.conn_list()
+    server.close_connection(conn_id, "maintenance")
+    assert await client.at_eof()
+    received += bytes(client._buffer)
+    assert b"maintenance" not in received
+    assert not received.endswith(b"\r\n.\r\n")
+
+
+async def test_kick_between_replies_sends_the_reason(server: pop3d.Server) -> None:
+    client = connect(server)
+    await client.read_line()
+    [conn_id] = server.conn_list()
+    server.close_connection(conn_id, "maintenance")
+    assert await client.read_line() == replies.err("maintenance")
+    assert await client.at_eof()
+
+
+async def test_connection_limits(server: pop3d.Server) -> None:
+    server.configure(max_connections=2, max_connections_per_ip=1)
+    first = connect(server, ("198.51.100.1", 1))
+    assert (await first.read_line()).startswith(b"+OK")
+    same_address = connect(server, ("198.51.100.1", 2))
+    assert await same_address.read_line() == replies.err(replies.TOO_MANY_FROM_ADDRESS)
+    assert await same_address.at_eof()
+    second = connect(server, ("198.51.100.2", 1))
+    assert (await second.read_line()).startswith(b"+OK")
+    third = connect(server, ("198.51.100.3", 1))
+    assert await third.read_line() == replies.err(replies.TOO_MANY_CONNECTIONS)
+    await first.command("QUIT")
+    await first.at_eof()
+    await wait_until(lambda: len(server.conn_list()) == 1)
+    again = connect(server, ("198.51.100.1", 3))
+    assert (await again.read_line()).startswith(b"+OK")
+
+
+async def test_failed_logins_take_the_same_time(server: pop3d.Server, autojump_clock: object) -> None:
+    server.configure(login_failure_delay=2)
+    client = connect(server)
+    await client.read_line()
+    for user in ("alice", "nobody"):
+        start = trio.current_time()
+        assert await client.login(user, "wrong") == replies.err(replies.AUTH_FAILED)
+        assert trio.current_time() - start == pytest.approx(2)
+    start = trio.current_time()
+    assert (await client.login("alice", "wonderland")).startswith(b"+OK")
+    assert trio.current_time() - start < 0.1
+
+
+async def test_flood_of_pipelined_commands_is_answered_in_bounded_batches(server: pop3d.Server) -> None:
+    client = connect_lockstep(server)
+    await client.read_line()
+    await client.login("alice", "wonderland")
+    session = server.session(server.conn_list()[0])
+    flood = b"LIST\r\n" * 2000
+
+    async def send_flood() -> None:
+        await client.stream.send_all(flood)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send_flood)
+        replies_seen = 0
+        while replies_seen < 2000:
+            line = await client.read_line()
+            assert line.startswith(b"+OK 3 messages")
+            await client.read_multiline()
+            replies_seen += 1
+            # The engine never holds more than about one batch of replies.
+            assert len(session.protocol._outgoing) <= pop3d.protocol.OUTGOING_LIMIT
