@@ -34,7 +34,7 @@ import logging
 import os
 import stat
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -207,9 +207,8 @@ def _write_index(maildir: str, files: dict[str, list[Any]]) -> None:
             os.unlink(tmp)
 
 
-def _scan(maildir: str) -> tuple[list[_Message], dict[str, list[Any]]]:
-    """List ``new/`` and ``cur/`` in delivery order, using and refreshing the index."""
-    found: list[tuple[int, str, str, str, int, int]] = []
+def _message_files(maildir: str) -> Iterator[tuple[str, str, os.stat_result]]:
+    """(subdir, name, stat) of each message file in ``new/`` and ``cur/``."""
     for subdir in _SUBDIRS:
         try:
             entries = os.scandir(os.path.join(maildir, subdir))
@@ -217,8 +216,7 @@ def _scan(maildir: str) -> tuple[list[_Message], dict[str, list[Any]]]:
             continue
         with entries:
             for entry in entries:
-                name = entry.name
-                if name.startswith("."):
+                if entry.name.startswith("."):
                     continue  # Maildir readers ignore dot files
                 try:
                     # No symlinks: one could point at any file the server can read.
@@ -226,10 +224,17 @@ def _scan(maildir: str) -> tuple[list[_Message], dict[str, list[Any]]]:
                         continue
                     st = entry.stat(follow_symlinks=False)
                 except FileNotFoundError:
-                    continue
-                unique = _unique(name)
-                mtime = st.st_mtime_ns
-                found.append((_delivery_seconds(unique, mtime), unique, subdir, name, st.st_size, mtime))
+                    continue  # deleted meanwhile
+                yield subdir, entry.name, st
+
+
+def _scan(maildir: str) -> tuple[list[_Message], dict[str, list[Any]]]:
+    """List ``new/`` and ``cur/`` in delivery order, using and refreshing the index."""
+    found: list[tuple[int, str, str, str, int, int]] = []
+    for subdir, name, st in _message_files(maildir):
+        unique = _unique(name)
+        mtime = st.st_mtime_ns
+        found.append((_delivery_seconds(unique, mtime), unique, subdir, name, st.st_size, mtime))
     found.sort()
 
     old = _load_index(maildir)
@@ -295,22 +300,10 @@ def _find_moved(maildir: str, msgs: Sequence[_Message]) -> dict[str, tuple[str, 
     """
     wanted = {(_unique(m.name), m.file_size, m.mtime_ns): m.key for m in msgs}
     moved: dict[str, tuple[str, str]] = {}
-    for subdir in _SUBDIRS:
-        try:
-            entries = os.scandir(os.path.join(maildir, subdir))
-        except FileNotFoundError:
-            continue
-        with entries:
-            for entry in entries:
-                try:
-                    if not entry.is_file(follow_symlinks=False):
-                        continue
-                    st = entry.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                key = wanted.get((_unique(entry.name), st.st_size, st.st_mtime_ns))
-                if key is not None and key not in moved:
-                    moved[key] = (subdir, entry.name)
+    for subdir, name, st in _message_files(maildir):
+        key = wanted.get((_unique(name), st.st_size, st.st_mtime_ns))
+        if key is not None and key not in moved:
+            moved[key] = (subdir, name)
     return moved
 
 
