@@ -51,7 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--admin", metavar="HOST:PORT", help=f"admin HTTP API address (default {DEFAULT_ADMIN})")
     serve.add_argument("--no-admin", action="store_true", default=None, help="do not start the admin API")
     serve.add_argument("--admin-token-file", type=Path, metavar="FILE", help="file with the admin API bearer token")
-    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
+    serve.add_argument(
+        "--log-level", type=str.lower, choices=["debug", "info", "warning", "error"], help="default info"
+    )
 
     user = commands.add_parser("user", help="manage the users of a passwd-file")
     actions = user.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -67,9 +69,11 @@ def _parser() -> argparse.ArgumentParser:
         if name in ("add", "passwd"):
             action.add_argument(
                 "--scheme",
+                type=str.upper,
                 choices=["ARGON2ID", "BLF-CRYPT", "SHA512-CRYPT", "PLAIN"],
-                default="ARGON2ID",
-                help="how to store the password (default ARGON2ID; APOP needs PLAIN)",
+                default="ARGON2ID" if name == "add" else None,
+                help="how to store the password (APOP needs PLAIN); default ARGON2ID"
+                + ("" if name == "add" else ", or PLAIN for a PLAIN user"),
             )
         action.add_argument(
             "--users", type=Path, metavar="FILE", help="the passwd-file (default: $POP3D_USERS)", default=None
@@ -150,12 +154,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             _serve(args)
         else:
             _user(args)
-    except (Pop3dError, OSError) as exc:
-        print(f"pop3d: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except BaseException as exc:
+        # A failure inside the server's nursery arrives wrapped in an exception group.
+        expected = _expected_failure(exc)
+        if expected is None:
+            raise
+        print(f"pop3d: error: {_one_line(expected)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _expected_failure(exc: BaseException) -> BaseException | None:
+    """The user-facing error in ``exc`` (a bad setting, a busy port...), if that is all it is."""
+    if isinstance(exc, Pop3dError | OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = [_expected_failure(inner) for inner in exc.exceptions]
+        if leaves and all(leaf is not None for leaf in leaves):
+            return leaves[0]
+    return None
 
 
 def _one_line(exc: BaseException) -> str:

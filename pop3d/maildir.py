@@ -49,9 +49,9 @@ log = logging.getLogger("pop3d.maildir")
 CHUNK_SIZE = 65536
 """Bytes per chunk that :meth:`MaildirStorage.get` yields."""
 INDEX_NAME = "pop3d-index"
+"""The index file in each Maildir."""
 # About 100 bytes a message: room for millions of messages, not for a hostile file.
 MAX_INDEX_SIZE = 512 * 1024 * 1024
-"""The index file in each Maildir."""
 LOCK_NAME = "pop3d.lock"
 """The lock file in each Maildir."""
 
@@ -60,6 +60,7 @@ _MEASURE_CHUNK = 1 << 20
 _SUBDIRS = ("new", "cur")
 _UID_MAX = 70  # RFC 1939 section 7
 _OPEN_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 # Maildirs locked by any MaildirStorage of this process (absolute paths).  The
 # flock would refuse a second session too, but a missing Maildir has no lock
@@ -100,13 +101,61 @@ def _delivery_seconds(unique: str, mtime_ns: int) -> int:
     return mtime_ns // 1_000_000_000
 
 
-def _measure(path: str) -> tuple[int, int, int]:
+@dataclass(slots=True)
+class _Dirs:
+    """A Maildir opened as directories, never through a symlink.
+
+    The mailbox's owner controls everything below the mail root: a symlinked
+    ``cur/`` would otherwise make a root server read and delete any file.
+    So the Maildir and its ``new/`` and ``cur/`` are opened once with
+    ``O_NOFOLLOW``, and every file is reached relative to those descriptors.
+    """
+
+    path: str  # for messages only
+    fd: int
+    subdirs: dict[str, int]  # "new"/"cur" -> descriptor; a missing one is absent
+
+    def close(self) -> None:
+        for fd in (*self.subdirs.values(), self.fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.subdirs = {}
+
+
+def _open_dirs(path: str) -> _Dirs | None:
+    """Open the Maildir at ``path``; ``None`` if it does not exist."""
+    try:
+        fd = os.open(path, _OPEN_DIR)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise ValueError(f"{path} is not a directory (symlinks are not followed)") from None
+        raise
+    dirs = _Dirs(path, fd, {})
+    try:
+        for subdir in _SUBDIRS:
+            try:
+                dirs.subdirs[subdir] = os.open(subdir, _OPEN_DIR, dir_fd=fd)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise ValueError(f"{path}/{subdir} is not a directory (symlinks are not followed)") from None
+                raise
+    except BaseException:
+        dirs.close()
+        raise
+    return dirs
+
+
+def _measure(dirs: _Dirs, subdir: str, name: str) -> tuple[int, int, int]:
     """Read a message file: ``(file size, mtime_ns, canonical size)``.
 
     The canonical size follows :func:`pop3d.message.canonical_size`, counted
     chunk by chunk so that a big message does not sit in memory.
     """
-    fd = os.open(path, _OPEN_READ)
+    fd = os.open(name, _OPEN_READ, dir_fd=dirs.subdirs[subdir])
     try:
         st = os.fstat(fd)
         length = lf = crlf = 0
@@ -143,17 +192,17 @@ class _Message:
 class _Maildrop:
     """One locked mailbox: the snapshot its session works on."""
 
-    path: str
-    lock_fd: int | None  # None: the Maildir does not exist
+    dirs: _Dirs | None  # None: the Maildir does not exist
+    lock_fd: int | None
     messages: list[_Message] = field(default_factory=list)
     index: dict[str, list[Any]] = field(default_factory=dict)
     total: int = 0
 
 
-def _read_index_file(path: str) -> bytes:
+def _read_index_file(dirs: _Dirs) -> bytes:
     # The mailbox's owner controls this directory: no symlinks (to /dev/zero,
     # say), no FIFOs (which would block a worker thread forever), no giants.
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    fd = os.open(INDEX_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dirs.fd)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -168,31 +217,31 @@ def _read_index_file(path: str) -> bytes:
         os.close(fd)
 
 
-def _load_index(maildir: str) -> dict[str, Any]:
+def _load_index(dirs: _Dirs) -> dict[str, Any]:
     try:
-        data = json.loads(_read_index_file(os.path.join(maildir, INDEX_NAME)))
+        data = json.loads(_read_index_file(dirs))
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as exc:
-        log.warning("maildir %s: unreadable index, rebuilding: %s", maildir, exc)
+        log.warning("maildir %s: unreadable index, rebuilding: %s", dirs.path, exc)
         return {}
     files = data.get("files") if isinstance(data, dict) and data.get("format") == _INDEX_FORMAT else None
     if not isinstance(files, dict):
-        log.warning("maildir %s: index of unknown format, rebuilding", maildir)
+        log.warning("maildir %s: index of unknown format, rebuilding", dirs.path)
         return {}
     return files
 
 
-def _write_index(maildir: str, files: dict[str, list[Any]]) -> None:
+def _write_index(dirs: _Dirs, files: dict[str, list[Any]]) -> None:
     """Replace the index atomically; a failure only costs a rebuild later."""
-    path = os.path.join(maildir, INDEX_NAME)
-    tmp = path + ".tmp"
+    tmp = INDEX_NAME + ".tmp"
     data = json.dumps({"format": _INDEX_FORMAT, "files": files}, separators=(",", ":")).encode()
     try:
         # We hold the lock, so a leftover temp file is from a crash: reuse its name.
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            os.unlink(tmp, dir_fd=dirs.fd)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, 0o600, dir_fd=dirs.fd)
         try:
             view = memoryview(data)
             while view:
@@ -200,20 +249,17 @@ def _write_index(maildir: str, files: dict[str, list[Any]]) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
+        os.replace(tmp, INDEX_NAME, src_dir_fd=dirs.fd, dst_dir_fd=dirs.fd)
     except OSError as exc:
-        log.warning("maildir %s: cannot write index: %s", maildir, exc)
+        log.warning("maildir %s: cannot write index: %s", dirs.path, exc)
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=dirs.fd)
 
 
-def _message_files(maildir: str) -> Iterator[tuple[str, str, os.stat_result]]:
+def _message_files(dirs: _Dirs) -> Iterator[tuple[str, str, os.stat_result]]:
     """(subdir, name, stat) of each message file in ``new/`` and ``cur/``."""
-    for subdir in _SUBDIRS:
-        try:
-            entries = os.scandir(os.path.join(maildir, subdir))
-        except FileNotFoundError:
-            continue
+    for subdir, dir_fd in dirs.subdirs.items():
+        entries = os.scandir(dir_fd)
         with entries:
             for entry in entries:
                 if entry.name.startswith("."):
@@ -228,16 +274,16 @@ def _message_files(maildir: str) -> Iterator[tuple[str, str, os.stat_result]]:
                 yield subdir, entry.name, st
 
 
-def _scan(maildir: str) -> tuple[list[_Message], dict[str, list[Any]]]:
+def _scan(dirs: _Dirs) -> tuple[list[_Message], dict[str, list[Any]]]:
     """List ``new/`` and ``cur/`` in delivery order, using and refreshing the index."""
     found: list[tuple[int, str, str, str, int, int]] = []
-    for subdir, name, st in _message_files(maildir):
+    for subdir, name, st in _message_files(dirs):
         unique = _unique(name)
         mtime = st.st_mtime_ns
         found.append((_delivery_seconds(unique, mtime), unique, subdir, name, st.st_size, mtime))
     found.sort()
 
-    old = _load_index(maildir)
+    old = _load_index(dirs)
     index: dict[str, list[Any]] = {}
     messages: list[_Message] = []
     changed = False
@@ -260,7 +306,7 @@ def _scan(maildir: str) -> tuple[list[_Message], dict[str, list[Any]]]:
             index[key] = cached
         else:
             try:
-                file_size, mtime, size = _measure(os.path.join(maildir, subdir, name))
+                file_size, mtime, size = _measure(dirs, subdir, name)
             except FileNotFoundError:
                 continue  # deleted by someone else since the scandir
             changed = True
@@ -268,30 +314,35 @@ def _scan(maildir: str) -> tuple[list[_Message], dict[str, list[Any]]]:
         messages.append(_Message(subdir, name, key, uid, size, file_size, mtime))
     # No misses means every key was in the old index; equal lengths then mean equal sets.
     if changed or len(index) != len(old):
-        _write_index(maildir, index)
+        _write_index(dirs, index)
     return messages, index
 
 
 def _open_maildrop(path: str) -> _Maildrop | None:
     """Lock the Maildir at ``path`` and take its snapshot; ``None`` if locked elsewhere."""
+    dirs = _open_dirs(path)
+    if dirs is None:
+        return _Maildrop(None, None)  # no Maildir (or no root): an empty mailbox
+    fd = -1
     try:
-        fd = os.open(os.path.join(path, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    except FileNotFoundError:
-        return _Maildrop(path, None)  # no Maildir (or no root): an empty mailbox
-    try:
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(LOCK_NAME, flags, 0o600, dir_fd=dirs.fd)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
+            dirs.close()
             return None
-        messages, index = _scan(path)
+        messages, index = _scan(dirs)
     except BaseException:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
+        dirs.close()
         raise
-    return _Maildrop(path, fd, messages, index, sum(m.size for m in messages))
+    return _Maildrop(dirs, fd, messages, index, sum(m.size for m in messages))
 
 
-def _find_moved(maildir: str, msgs: Sequence[_Message]) -> dict[str, tuple[str, str]]:
+def _find_moved(dirs: _Dirs, msgs: Sequence[_Message]) -> dict[str, tuple[str, str]]:
     """Where the files of ``msgs`` are now, if another program renamed them.
 
     An IMAP server may change flags or move ``new/`` to ``cur/`` while we
@@ -300,53 +351,52 @@ def _find_moved(maildir: str, msgs: Sequence[_Message]) -> dict[str, tuple[str, 
     """
     wanted = {(_unique(m.name), m.file_size, m.mtime_ns): m.key for m in msgs}
     moved: dict[str, tuple[str, str]] = {}
-    for subdir, name, st in _message_files(maildir):
+    for subdir, name, st in _message_files(dirs):
         key = wanted.get((_unique(name), st.st_size, st.st_mtime_ns))
         if key is not None and key not in moved:
             moved[key] = (subdir, name)
     return moved
 
 
-def _open_message(maildir: str, msg: _Message) -> int:
+def _open_message(dirs: _Dirs, msg: _Message) -> int:
     try:
-        return os.open(os.path.join(maildir, msg.subdir, msg.name), _OPEN_READ)
+        return os.open(msg.name, _OPEN_READ, dir_fd=dirs.subdirs[msg.subdir])
     except FileNotFoundError:
         pass
-    where = _find_moved(maildir, [msg]).get(msg.key)
+    where = _find_moved(dirs, [msg]).get(msg.key)
     if where is None:
-        raise FileNotFoundError(errno.ENOENT, "message file vanished", os.path.join(maildir, msg.subdir, msg.name))
+        raise FileNotFoundError(errno.ENOENT, "message file vanished", os.path.join(dirs.path, msg.subdir, msg.name))
     msg.subdir, msg.name = where
-    return os.open(os.path.join(maildir, *where), _OPEN_READ)
+    return os.open(msg.name, _OPEN_READ, dir_fd=dirs.subdirs[msg.subdir])
 
 
 def _delete(drop: _Maildrop, doomed: Sequence[_Message]) -> None:
     # Each unlink is atomic, so a crash leaves every message whole or gone;
     # the index is fixed afterwards, or by the next login if we die first.
+    dirs = drop.dirs
+    if dirs is None:
+        return
     missing: list[_Message] = []
     touched: set[str] = set()
     for msg in doomed:
         try:
-            os.unlink(os.path.join(drop.path, msg.subdir, msg.name))
+            os.unlink(msg.name, dir_fd=dirs.subdirs[msg.subdir])
             touched.add(msg.subdir)
         except FileNotFoundError:
             missing.append(msg)
     if missing:
-        for subdir, name in _find_moved(drop.path, missing).values():
+        for subdir, name in _find_moved(dirs, missing).values():
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(drop.path, subdir, name))
+                os.unlink(name, dir_fd=dirs.subdirs[subdir])
                 touched.add(subdir)
     for subdir in touched:
         # Make the deletions durable: a message that came back after a power
         # loss would be downloaded again.
         with contextlib.suppress(OSError):
-            dir_fd = os.open(os.path.join(drop.path, subdir), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            os.fsync(dirs.subdirs[subdir])
     for msg in doomed:
         drop.index.pop(msg.key, None)
-    _write_index(drop.path, drop.index)
+    _write_index(dirs, drop.index)
 
 
 class _FileChunks:
@@ -474,6 +524,8 @@ class MaildirStorage:
         # Closed here rather than in a thread: a cancel must not leave the lock held.
         if drop.lock_fd is not None:
             os.close(drop.lock_fd)
+        if drop.dirs is not None:
+            drop.dirs.close()
         with _held_guard:
             _held.discard(path)
 
@@ -497,9 +549,11 @@ class MaildirStorage:
         Raises :class:`FileNotFoundError` if the file is gone (deleted by
         another program since the snapshot).
         """
-        path = self._drop(mbox).path
+        dirs = self._drop(mbox).dirs
         message = self._message(mbox, msg)
-        fd = await trio.to_thread.run_sync(_open_message, path, message)
+        if dirs is None:
+            raise RuntimeError(f"mailbox {mbox!r} has no Maildir")  # unreachable: it has no messages
+        fd = await trio.to_thread.run_sync(_open_message, dirs, message)
         return _FileChunks(fd, self._chunk_size)
 
     async def dele(self, mbox: str, msgs: Sequence[int]) -> None:

@@ -37,12 +37,15 @@ class ServerOptions(BaseModel):
         description="Host name in the greeting and the APOP challenge.",
     )
     idle_timeout: float = Field(
-        600.0, ge=0, description="Seconds a session may stay idle (RFC 1939: at least 600); 0: forever."
+        600.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Seconds a session may stay idle (RFC 1939: at least 600); 0: forever.",
     )
     max_line: int = Field(1024, ge=255, le=65536, description="Longest command line accepted, CRLF included.")
     apop: bool = Field(True, description="Offer APOP: a challenge in the greeting (needs plain passwords).")
     login_failure_delay: float = Field(
-        1.0, ge=0, le=60, description="Seconds after a login command before a failure is answered."
+        1.0, ge=0, le=60, allow_inf_nan=False, description="Seconds after a login command before a failure is answered."
     )
     max_connections: int = Field(1000, ge=1, description="Open connections at most; more are refused.")
     max_connections_per_ip: int = Field(100, ge=1, description="Open connections from one address at most.")

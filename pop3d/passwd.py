@@ -258,14 +258,15 @@ def add_user(path: str | os.PathLike[str], name: str, password: str, *, scheme: 
     _write_lines(path, lines)
 
 
-def set_password(path: str | os.PathLike[str], name: str, password: str, *, scheme: str = DEFAULT_SCHEME) -> None:
+def set_password(path: str | os.PathLike[str], name: str, password: str, *, scheme: str | None = None) -> None:
     """Change the password of user ``name``, keeping the line's other fields.
 
-    Raises :class:`UserError` if there is no such user or the password is bad.
+    Without ``scheme``, a ``{PLAIN}`` user stays PLAIN (so APOP keeps
+    working) and any other user gets :data:`DEFAULT_SCHEME`.  Raises
+    :class:`UserError` if there is no such user or the password is bad.
     """
     path = os.fspath(path)
     _check_name(name)
-    secret = _stored_form(password, scheme)
     lines = _read_lines(path)
     index = _find(lines, name)
     if index is None:
@@ -273,6 +274,9 @@ def set_password(path: str | os.PathLike[str], name: str, password: str, *, sche
     line = lines[index]
     body = line.rstrip("\r\n")
     fields = body.split(":")
+    if scheme is None:
+        scheme = "PLAIN" if parse_password(fields[1]).scheme == "PLAIN" else DEFAULT_SCHEME
+    secret = _stored_form(password, scheme)
     fields[1:2] = [secret]
     lines[index] = ":".join(fields) + line[len(body) :]
     _write_lines(path, lines)

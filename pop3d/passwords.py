@@ -66,7 +66,6 @@ _ARGON2 = argon2.PasswordHasher()
 _BCRYPT_MAX = 72  # bcrypt ignores the rest; bcrypt>=5 refuses longer input
 _BCRYPT_FORM = re.compile(r"\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}")
 _SHA512_FORM = re.compile(r"\$6\$(?:rounds=(\d{1,9})\$)?[^$:\n]{0,16}\$[./0-9A-Za-z]{86}")
-_CRYPT_ID = re.compile(r"\$([0-9a-z]+)\$")
 
 
 def _encode(password: str) -> bytes:
@@ -228,9 +227,10 @@ def _scheme_by_form(secret: str, *, crypt_only: bool) -> str | None:
         return "ARGON2ID"
     if secret.startswith("$argon2i$"):
         return "ARGON2I"
-    if crypt_only or _CRYPT_ID.match(secret):
-        # $1$ (MD5), $5$ (SHA-256), $y$ (yescrypt)...: taking such a hash as
-        # a plain password would let anyone who read it log in with it.
+    if crypt_only or secret.startswith("$"):
+        # $1$ (MD5), $5$ (SHA-256), $y$ (yescrypt), $pbkdf2-sha256$, $P$...:
+        # taking such a hash as a plain password would let anyone who read it
+        # log in with it.  A plain password starting with "$" needs {PLAIN}.
         return None
     return "PLAIN"
 

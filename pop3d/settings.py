@@ -89,9 +89,13 @@ class ServeSettings(BaseSettings):
     users: Path | None = Field(None, description="Dovecot-style passwd-file; default: the demo data.")
     mail_root: Path | None = Field(None, description="Directory of Maildirs, one per user; default: the demo data.")
     hostname: str | None = Field(None, description="Host name in the greeting; default: the machine's.")
-    idle_timeout: float = Field(600.0, ge=0, description="Seconds before an idle session is closed.")
+    idle_timeout: float = Field(
+        600.0, ge=0, allow_inf_nan=False, description="Seconds before an idle session is closed."
+    )
     apop: bool = Field(False, description="Offer APOP (users with {PLAIN} passwords only), as Dovecot can.")
-    grace_period: float = Field(30.0, ge=0, description="Seconds open sessions get to finish at shutdown.")
+    grace_period: float = Field(
+        30.0, ge=0, allow_inf_nan=False, description="Seconds open sessions get to finish at shutdown."
+    )
     admin: Address | None = Field(
         default_factory=lambda: Address.parse(DEFAULT_ADMIN), description="Address of the admin HTTP API."
     )
@@ -125,11 +129,24 @@ class ServeSettings(BaseSettings):
         return value
 
     def token(self) -> str | None:
-        """The admin token, from the setting or the token file (stripped)."""
+        """The admin token, from the setting or the token file (stripped).
+
+        A token that was asked for but is empty is an error, not "no token":
+        a failed secret provisioning must not leave the API open.
+        """
         if self.admin_token is not None:
-            return self.admin_token.get_secret_value() or None
+            token = self.admin_token.get_secret_value().strip()
+            if not token:
+                raise SettingsError("admin-token: empty")
+            return token
         if self.admin_token_file is not None:
-            return self.admin_token_file.read_text().strip() or None
+            try:
+                token = self.admin_token_file.read_text(encoding="utf-8").strip()
+            except UnicodeDecodeError:
+                raise SettingsError(f"admin-token-file: {self.admin_token_file} is not UTF-8 text") from None
+            if not token:
+                raise SettingsError(f"admin-token-file: {self.admin_token_file} is empty")
+            return token
         return None
 
     @classmethod
@@ -173,7 +190,7 @@ def load_settings(cli: dict[str, Any], config: Path | None = None) -> ServeSetti
     token = _toml_path.set(config)
     try:
         return ServeSettings(**cli)
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise SettingsError(f"config {config}: not valid TOML: {exc}") from None
     except pydantic.ValidationError as exc:
         first = exc.errors()[0]

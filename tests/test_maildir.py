@@ -18,6 +18,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -73,9 +74,9 @@ def measured(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     calls: list[str] = []
     real = maildir_module._measure
 
-    def counting(path: str) -> tuple[int, int, int]:
-        calls.append(path)
-        return real(path)
+    def counting(dirs: Any, subdir: str, name: str) -> tuple[int, int, int]:
+        calls.append(os.path.join(dirs.path, subdir, name))
+        return real(dirs, subdir, name)
 
     monkeypatch.setattr(maildir_module, "_measure", counting)
     yield calls
@@ -128,11 +129,14 @@ async def test_sizes_are_canonical_and_get_returns_the_file(tmp_path: Path) -> N
 def test_measure_across_chunk_boundaries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
     # A CRLF split between two reads must count once.
     monkeypatch.setattr(maildir_module, "_MEASURE_CHUNK", chunk)
+    (tmp_path / "new").mkdir()
+    dirs = maildir_module._open_dirs(str(tmp_path))
+    assert dirs is not None
     for n, data in enumerate([*SAMPLES.values(), b"\r\n\r\n", b"\r", b"a\r", b"\n", b"\r\r\n\n\r"]):
-        file = tmp_path / f"m{n}"
-        file.write_bytes(data)
-        file_size, _, size = maildir_module._measure(str(file))
+        (tmp_path / "new" / f"m{n}").write_bytes(data)
+        file_size, _, size = maildir_module._measure(dirs, "new", f"m{n}")
         assert (file_size, size) == (len(data), canonical_size(data)), data
+    dirs.close()
 
 
 async def test_dovecot_size_hints_are_not_trusted(tmp_path: Path) -> None:
@@ -672,3 +676,26 @@ async def test_index_that_is_not_a_regular_file_is_ignored(tmp_path: Path) -> No
         assert await storage.lock("alice")
         assert await storage.size("alice", 1) == len(b"Subject: x\r\n\r\nbody\r\n")
         await storage.unlock("alice")
+
+
+@pytest.mark.parametrize("link", ["cur", "new", "maildir"])
+async def test_symlinked_maildir_parts_are_refused(tmp_path: Path, link: str) -> None:
+    # A mailbox owner must not make a root server read or delete files elsewhere.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"root:x:0:0\n")
+    root = tmp_path / "mail"
+    root.mkdir()
+    if link == "maildir":
+        (root / "alice").symlink_to(outside)
+    else:
+        for sub in ("cur", "new", "tmp"):
+            if sub != link:
+                (root / "alice" / sub).mkdir(parents=True)
+        (root / "alice" / link).symlink_to(outside)
+    storage = MaildirStorage(root)
+    with pytest.raises(ValueError, match="symlinks are not followed"):
+        await storage.lock("alice")
+    assert not storage.is_locked("alice")
+    assert (outside / "secret").exists()
+    assert sorted(p.name for p in outside.iterdir()) == ["secret"]  # no lock or index file made there

@@ -194,6 +194,9 @@ NEVER_MATCHING = [
     ("{CRYPT}hunter2", "unsupported CRYPT hash"),
     ("$1$abc$hunter2", "unsupported crypt hash"),
     ("$y$j9T$hunter2", "unsupported crypt hash"),
+    ("$pbkdf2-sha256$29000$c2FsdA$aGFzaA", "unsupported crypt hash"),
+    ("$P$Bhunter2hunter2hunter2hunter2", "unsupported crypt hash"),
+    ("$2Y$05$" + "a" * 53, "unsupported crypt hash"),
     ("{PLAIN}", "empty password"),
     ("", "empty password"),
 ]

@@ -243,3 +243,32 @@ def test_user_commands(tmp_path: Path) -> None:
     assert plain.returncode == 0 and "erin:{PLAIN}apop-pw\n" in users.read_text()
     no_file = pop3d_cli("user", "list", env={"POP3D_USERS": ""})
     assert no_file.returncode == 2 and "--users" in no_file.stderr
+
+
+def test_busy_port_is_a_one_line_error(site: Path) -> None:
+    with ServeProcess(*serve_args(site, "--no-admin")) as first:
+        first.wait_ready()
+        result = pop3d_cli("serve", *serve_args(site, "--no-admin")[2:], "--listen", f"127.0.0.1:{first.port}")
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("pop3d: error: cannot listen on 127.0.0.1") and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"POP3D_ADMIN_TOKEN": ""}, "admin-token: empty"),
+        ({"POP3D_IDLE_TIMEOUT": "inf"}, "idle-timeout"),
+    ],
+)
+def test_more_bad_settings(site: Path, setting: dict[str, str], message: str) -> None:
+    result = pop3d_cli("serve", *serve_args(site), env=setting)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(f"pop3d: error: {message}"), result.stderr
+
+
+def test_passwd_keeps_a_plain_user_plain(tmp_path: Path) -> None:
+    users = tmp_path / "users"
+    users.write_text("erin:{PLAIN}old\n")
+    assert pop3d_cli("user", "passwd", "erin", "--users", str(users), stdin="new\n").returncode == 0
+    assert users.read_text() == "erin:{PLAIN}new\n"
