@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import poplib
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -142,3 +143,13 @@ def test_metrics_move_after_a_retrieval(proc: ServeProcess) -> None:
     pop.retr(1)
     pop.quit()
     assert retrieved() == before + 1
+
+
+def test_sigterm_stops_the_api_with_the_servers(proc: ServeProcess) -> None:
+    assert curl(proc, "GET", "/healthz", token=None)[0] == 200
+    proc.signal(signal.SIGTERM)
+    assert proc.wait() == 0
+    assert any("admin API stopped" in line for line in proc.lines)
+    assert CURL is not None and proc.admin is not None
+    after = subprocess.run([CURL, "-sS", "--max-time", "5", proc.admin + "/healthz"], capture_output=True, timeout=30)
+    assert after.returncode != 0  # nothing listens any more
