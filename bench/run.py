@@ -11,6 +11,9 @@ process (a Trio client):
   while streaming it (it must not hold the message in memory);
 - a 100,000-message mailbox: time of the first and the second login.
 
+With ``--dovecot`` it measures Dovecot (as Debian configures it, with the
+same passwd-file and Maildirs) the same way, for comparison.
+
 It prints figures; it asserts nothing.  Every loop is bounded.
 """
 
@@ -20,11 +23,15 @@ import argparse
 import contextlib
 import os
 import re
+import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -161,45 +168,116 @@ def make_site(root: Path, users: int, big_mb: int, many: int) -> None:
         (box / "new" / f"{1700000000 + m}.M{m}P1.many").write_bytes(b"Subject: m\n\nbody\n")
 
 
+DOVECOT_CONF = """\
+base_dir = {root}/dovecot-run
+state_dir = {root}/dovecot-run/state
+log_path = {root}/dovecot.log
+protocols = pop3
+listen = 127.0.0.1
+ssl = no
+disable_plaintext_auth = no
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN {root}/users
+}}
+userdb {{
+  driver = static
+  args = uid=nobody gid=nogroup home={root}/mail/%u
+}}
+mail_location = maildir:{root}/mail/%u
+pop3_uidl_format = %f
+service pop3-login {{
+  inet_listener pop3 {{
+    port = {port}
+  }}
+}}
+"""
+
+
+def start_pop3d(root: Path) -> tuple[subprocess.Popen[bytes], int, Callable[[], None]]:
+    """``pop3d serve`` on a free port over the test data."""
+    log_path = root / "serve.log"
+    command = [sys.executable, "-m", "pop3d", "serve", "--listen", "127.0.0.1:0", "--no-admin"]
+    command += ["--users", str(root / "users"), "--mail-root", str(root / "mail")]
+    with log_path.open("w") as log_file:
+        proc = subprocess.Popen(command, stderr=log_file)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if match := re.search(r"ready pop3=\S+:(\d+)", log_path.read_text()):
+            port = int(match.group(1))
+
+            def stop() -> None:
+                proc.terminate()
+                proc.wait(30)
+
+            return proc, port, stop
+        time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("pop3d did not start:\n" + log_path.read_text())
+
+
+def start_dovecot(root: Path) -> tuple[subprocess.Popen[bytes], int, Callable[[], None]]:
+    """Dovecot as Debian configures it by default, over the same data (needs root)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (root / "dovecot-run" / "state").mkdir(parents=True)
+    conf = root / "dovecot.conf"
+    conf.write_text(DOVECOT_CONF.format(root=root, port=port))
+    subprocess.run(["chown", "-R", "nobody:nogroup", str(root / "mail")], check=True)
+    # Dovecot's auth and mail processes run as other users: let them in.
+    root.chmod(0o755)
+    (root / "users").chmod(0o644)
+    proc = subprocess.Popen(["dovecot", "-F", "-c", str(conf)], stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.1)
+
+    def stop() -> None:
+        subprocess.run(["dovecot", "-c", str(conf), "stop"], check=False)
+        proc.wait(30)
+        subprocess.run(["chown", "-R", "root:root", str(root / "mail")], check=False)
+
+    return proc, port, stop
+
+
+def measure(name: str, root: Path, start: Callable[[Path], tuple[Any, int, Callable[[], None]]], args: Any) -> None:
+    proc, port, stop = start(root)
+    try:
+        first = trio.run(login_time, port, "many")
+        second = trio.run(login_time, port, "many")
+        rate = trio.run(logins, port, [f"u{n}" for n in range(100)], args.sessions, args.concurrency)
+        mbps, before, peak = trio.run(retr_big, port, proc.pid)
+    finally:
+        stop()
+    memory = f"server RSS {before:.0f} MB, peak {peak:.0f} MB" if name == "pop3d" else "(RSS: one process a session)"
+    print(f"{name}:")
+    print(f"  logins (USER/PASS/STAT/QUIT), {args.concurrency} at once: {rate:,.0f} sessions/s")
+    print(f"  RETR of a {args.big_mb} MB message: {mbps:,.1f} MB/s; {memory}")
+    print(f"  {args.many:,}-message mailbox: first login {first:.2f} s, second login {second:.2f} s", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sessions", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--big-mb", type=int, default=50)
     parser.add_argument("--many", type=int, default=100_000)
+    parser.add_argument("--dovecot", action="store_true", help="also measure Dovecot (installed, run as root)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as tmp:
         root = Path(tmp)
         print(f"making test data in {root} ...", flush=True)
         make_site(root, users=100, big_mb=args.big_mb, many=args.many)
-        log_path = root / "serve.log"
-        with log_path.open("w") as log_file:
-            command = [sys.executable, "-m", "pop3d", "serve", "--listen", "127.0.0.1:0", "--no-admin"]
-            command += ["--users", str(root / "users"), "--mail-root", str(root / "mail")]
-            proc = subprocess.Popen(
-                command,
-                stderr=log_file,
-            )
-        try:
-            port = 0
-            deadline = time.monotonic() + 60
-            while not port and time.monotonic() < deadline and proc.poll() is None:
-                if match := re.search(r"ready pop3=\S+:(\d+)", log_path.read_text()):
-                    port = int(match.group(1))
-                time.sleep(0.05)
-            if not port:
-                raise SystemExit("the server did not start:\n" + log_path.read_text())
-            first = trio.run(login_time, port, "many")
-            second = trio.run(login_time, port, "many")
-            rate = trio.run(logins, port, [f"u{n}" for n in range(100)], args.sessions, args.concurrency)
-            mbps, before, peak = trio.run(retr_big, port, proc.pid)
-        finally:
-            proc.terminate()
-            proc.wait(30)
-    print(f"logins (USER/PASS/STAT/QUIT), {args.concurrency} at once: {rate:,.0f} sessions/s")
-    print(f"RETR of a {args.big_mb} MB message: {mbps:,.1f} MB/s; server RSS {before:.0f} MB, peak {peak:.0f} MB")
-    print(f"{args.many:,}-message mailbox: first login {first:.2f} s, second login {second:.2f} s")
+        measure("pop3d", root, start_pop3d, args)
+        if args.dovecot:
+            if shutil.which("dovecot") is None:
+                raise SystemExit("dovecot is not installed (apt-get install dovecot-pop3d)")
+            measure("dovecot", root, start_dovecot, args)
 
 
 if __name__ == "__main__":
