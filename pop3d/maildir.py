@@ -46,7 +46,7 @@ __all__ = ["CHUNK_SIZE", "INDEX_NAME", "LOCK_NAME", "MaildirStorage"]
 
 log = logging.getLogger("pop3d.maildir")
 
-CHUNK_SIZE = 65536
+CHUNK_SIZE = 262144
 """Bytes per chunk that :meth:`MaildirStorage.get` yields."""
 INDEX_NAME = "pop3d-index"
 """The index file in each Maildir."""

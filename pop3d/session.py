@@ -326,21 +326,25 @@ class Session:
         # Read the first chunk before +OK, so that a failing storage still gets -ERR.
         first = await anext(chunks, b"")
         writer = proto.start_message(event)
-        pending = bytearray(proto.data_to_send())
+        # Small chunks are gathered into sends of SEND_BATCH; big ones go as they are.
+        parts = [proto.data_to_send(), writer.feed(first)]
+        batched = len(parts[0]) + len(parts[1])
         self._in_message = self._replying = True
         try:
-            pending += writer.feed(first)
             async for chunk in chunks:
                 if writer.done:
                     break
-                pending += writer.feed(chunk)
-                if len(pending) >= SEND_BATCH:
-                    await self._send(bytes(pending))
-                    pending.clear()
+                out = writer.feed(chunk)
+                parts.append(out)
+                batched += len(out)
+                if batched >= SEND_BATCH:
+                    await self._send(b"".join(parts))
+                    parts.clear()
+                    batched = 0
         except (_ConnectionLost, trio.Cancelled):
             raise
         except Exception as exc:
-            # The +OK is out; the only honest thing left is to hang up.
+            # The +OK may be out already; the only honest thing left is to hang up.
             log.exception("session %s: reading message %d failed", self.conn_id, event.msg)
             raise _ConnectionLost from exc
         finally:
@@ -351,9 +355,9 @@ class Session:
                         await aclose()
                     except Exception:
                         log.exception("session %s: closing message %d failed", self.conn_id, event.msg)
-        pending += writer.finish()
+        parts.append(writer.finish())
         self._in_message = False
-        await self._send(bytes(pending))
+        await self._send(b"".join(parts))
         if event.body_lines is None:
             self.retrieved += 1
             self._stats.messages_retrieved += 1
