@@ -63,6 +63,15 @@ def connect(server: pop3d.Server, peer: tuple[str, int] = ("192.0.2.7", 40110)) 
     return PopClient(client_end)
 
 
+async def logged_in(server: pop3d.Server, user: str = "alice", password: str = "wonderland") -> PopClient:
+    """A client of ``server`` past the greeting and logged in (the login must succeed)."""
+    client = connect(server)
+    await client.read_line()
+    reply = await client.login(user, password)
+    assert reply.startswith(b"+OK"), reply
+    return client
+
+
 async def wait_until(predicate: Callable[[], bool]) -> None:
     """Wait (at most 5 s) until ``predicate()`` holds: state another task changes."""
     with trio.fail_after(5):

@@ -13,7 +13,7 @@ import pop3d
 from pop3d import replies
 from pop3d.callbacks import MessageData
 
-from .conftest import MESSAGES, SIZES, TOTAL, connect, wait_until
+from .conftest import MESSAGES, SIZES, TOTAL, connect, logged_in, wait_until
 from .popclient import PopClient
 
 # -- sessions ---------------------------------------------------------------
@@ -39,9 +39,7 @@ async def test_full_session(server: pop3d.Server, storage: pop3d.MemoryStorage) 
 
 
 async def test_sizes_are_exact_octets_received(server: pop3d.Server) -> None:
-    client = connect(server)
-    await client.read_line()
-    await client.login("alice", "wonderland")
+    client = await logged_in(server)
     for n in (1, 2, 3):
         size = int((await client.command(f"LIST {n}")).split()[2])
         retr = await client.command(f"RETR {n}")
@@ -65,9 +63,7 @@ async def test_pipelined_commands(server: pop3d.Server) -> None:
 async def test_uidl_stable_between_sessions(server: pop3d.Server) -> None:
     listings = []
     for _ in range(2):
-        client = connect(server)
-        await client.read_line()
-        await client.login("alice", "wonderland")
+        client = await logged_in(server)
         assert (await client.command("UIDL")).startswith(b"+OK")
         listings.append(await client.read_multiline())
         await client.command("QUIT")
@@ -116,9 +112,7 @@ async def test_no_storage_callback_means_empty_mailboxes(server: pop3d.Server) -
 
 
 async def test_idle_timeout(server: pop3d.Server, storage: pop3d.MemoryStorage, autojump_clock: object) -> None:
-    client = connect(server)
-    await client.read_line()
-    await client.login("alice", "wonderland")
+    client = await logged_in(server)
     await client.command("DELE 1")
     with trio.fail_after(601):
         assert await client.read_line() == replies.err(replies.IDLE_TIMEOUT)
@@ -167,9 +161,7 @@ async def test_conn_list_and_state(server: pop3d.Server) -> None:
 
 
 async def test_close_connection_applies_no_deletions(server: pop3d.Server, storage: pop3d.MemoryStorage) -> None:
-    client = connect(server)
-    await client.read_line()
-    await client.login("alice", "wonderland")
+    client = await logged_in(server)
     await client.command("DELE 1")
     [conn_id] = server.conn_list()
     server.close_connection(conn_id)
@@ -243,9 +235,7 @@ async def test_storage_errors_answer_sys_temp_and_session_goes_on(
 async def test_failing_dele_at_quit(server: pop3d.Server, failing: FailingStorage) -> None:
     server.configure(storage=failing)
     failing.fail = {"dele"}
-    client = connect(server)
-    await client.read_line()
-    await client.login("alice", "wonderland")
+    client = await logged_in(server)
     await client.command("DELE 1")
     assert await client.command("QUIT") == replies.err(replies.SYS_TEMP_UPDATE)
     assert await client.at_eof()
@@ -256,9 +246,7 @@ async def test_failing_dele_at_quit(server: pop3d.Server, failing: FailingStorag
 async def test_storage_failing_mid_message_hangs_up(server: pop3d.Server, failing: FailingStorage) -> None:
     server.configure(storage=failing)
     failing.fail = {"get-midway"}
-    client = connect(server)
-    await client.read_line()
-    await client.login("alice", "wonderland")
+    client = await logged_in(server)
     await client.command("DELE 2")
     await client.send(b"RETR 1\r\n")
     assert await client.at_eof()
@@ -287,9 +275,7 @@ async def test_client_vanishing_mid_retr(server: pop3d.Server, storage: pop3d.Me
     storage.add("carol", b"Subject: big\n\n" + b"x" * 100 + b"\n" * 50_000 + b"y" * 5_000_000)
     storage.add("carol", b"Subject: small\n\nsmall\n")
     server.configure(auth=pop3d.MemoryUsers({"carol": ("pw", "carol")}))
-    client = connect(server)
-    await client.read_line()
-    await client.login("carol", "pw")
+    client = await logged_in(server, "carol", "pw")
     await client.command("DELE 2")
     assert (await client.command("RETR 1")).startswith(b"+OK")
     await client.stream.receive_some(1000)
@@ -300,9 +286,7 @@ async def test_client_vanishing_mid_retr(server: pop3d.Server, storage: pop3d.Me
 
 
 async def test_client_closing_without_quit(server: pop3d.Server, storage: pop3d.MemoryStorage) -> None:
-    client = connect(server)
-    await client.read_line()
-    await client.login("alice", "wonderland")
+    client = await logged_in(server)
     await client.command("DELE 1")
     await client.stream.aclose()
     await wait_until(lambda: not storage.is_locked("alice"))
@@ -539,9 +523,7 @@ async def test_kill_during_deferred_destroy(users: pop3d.MemoryUsers, storage: p
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             await nursery.start(server.run)
-            client = connect(server)
-            await client.read_line()
-            await client.login("alice", "wonderland")
+            client = await logged_in(server)
             await client.command("DELE 1")
             nursery.start_soon(server.destroy, "defer")
             await wait_until(lambda: server.state == "exiting")
@@ -571,9 +553,8 @@ async def test_cancelling_run_is_a_kill(users: pop3d.MemoryUsers, storage: pop3d
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             await nursery.start(server.run)
-            client = connect(server)
-            await client.read_line()
-            await client.login("alice", "wonderland")
+            await logged_in(server)
+            assert storage.is_locked("alice")
             nursery.cancel_scope.cancel()
     assert not storage.is_locked("alice")
     assert server.destroyed and server.name not in pop3d.servers()
@@ -601,7 +582,7 @@ async def test_one_failing_connection_does_not_stop_the_others(
 async def test_stats_count_what_happened(server: pop3d.Server) -> None:
     client = connect(server)
     await client.read_line()
-    await client.login("alice", "nope")
+    assert (await client.login("alice", "nope")).startswith(b"-ERR")
     await client.login("alice", "wonderland")
     await client.command("RETR 1")
     await client.read_multiline()
