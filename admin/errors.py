@@ -81,9 +81,13 @@ def _field_errors(errors: Iterable[Any]) -> list[tuple[str, str]]:
     """``(field, message)`` pairs from pydantic's error list."""
     out = []
     for error in errors:
-        field = ".".join(str(part) for part in error["loc"]) or "body"
+        # An item of a list adds its index to the location; the field is what the client sent.
+        field = str(error["loc"][0]) if error["loc"] else "body"
+        cause = error.get("ctx", {}).get("error")
         if error["type"] == "extra_forbidden":
             message = "cannot be set over the admin API" if field in NOT_SETTABLE else "unknown option"
+        elif isinstance(cause, ValueError):
+            message = str(cause)  # our own validators' words, without pydantic's "Value error, "
         else:
             message = str(error["msg"])
         out.append((field, message))

@@ -36,14 +36,19 @@ class ServerCollector:
     def collect(self) -> Iterable[Metric]:
         """One sample per server in each family, read now."""
         families = self._families()
-        up, conns, sessions, logins, commands, retrieved, retrieved_bytes, deleted, errors = families
+        up, conns, sessions, ended, tls_failures, logins, commands, retrieved, retrieved_bytes, deleted, errors = (
+            families
+        )
         for name, server in sorted(self._servers().items()):
             stats = server.stats
             up.add_metric([name], 1 if server.state == "up" else 0)
             conns.add_metric([name], len(server.conn_list()))
             sessions.add_metric([name], stats.sessions)
-            logins.add_metric([name, "ok"], stats.logins_ok)
-            logins.add_metric([name, "failed"], stats.logins_failed)
+            for tls in (True, False):
+                ended.add_metric([name, "true" if tls else "false"], stats.sessions_ended[tls])
+            tls_failures.add_metric([name], stats.tls_failures)
+            for (mechanism, result), count in sorted(stats.logins.items()):
+                logins.add_metric([name, mechanism, result], count)
             for command, count in sorted(stats.commands.items()):
                 commands.add_metric([name, command], count)
             retrieved.add_metric([name], stats.messages_retrieved)
@@ -60,7 +65,17 @@ class ServerCollector:
             GaugeMetricFamily("pop3d_connections_open", "Open POP3 connections.", labels=server),
             CounterMetricFamily("pop3d_sessions", "POP3 sessions begun.", labels=server),
             CounterMetricFamily(
-                "pop3d_logins", "Login attempts, by result (ok or failed).", labels=[*server, "result"]
+                "pop3d_sessions_ended",
+                "POP3 sessions ended, by whether they were encrypted (POP3S or STLS).",
+                labels=[*server, "tls"],
+            ),
+            CounterMetricFamily(
+                "pop3d_tls_handshake_failures", "TLS handshakes that failed or timed out.", labels=server
+            ),
+            CounterMetricFamily(
+                "pop3d_logins",
+                "Login attempts, by mechanism (user, apop, plain, login) and result (ok or failed).",
+                labels=[*server, "mechanism", "result"],
             ),
             CounterMetricFamily("pop3d_commands", "POP3 commands received, by keyword.", labels=[*server, "command"]),
             CounterMetricFamily("pop3d_messages_retrieved", "Messages sent whole by RETR.", labels=server),

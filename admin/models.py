@@ -6,7 +6,10 @@ object, so the routes stay short and the mapping lives in one place.
 
 from __future__ import annotations
 
+import ipaddress
+import ssl
 from datetime import datetime
+from pathlib import PurePath
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, WithJsonSchema, create_model
@@ -35,8 +38,9 @@ __all__ = [
     "describe",
 ]
 
-# Callbacks hold credentials and file handles: the API shows them, never sets them.
-NOT_SETTABLE = ("auth", "storage", *READ_ONLY)
+# Callbacks hold credentials and file handles, a TLS context holds a key: the
+# API shows them, never sets them.
+NOT_SETTABLE = ("auth", "storage", "ssl_context", *READ_ONLY)
 
 # Flask's JSON encoder would write datetimes as RFC 822 dates; the API promises ISO 8601.
 IsoDatetime = Annotated[
@@ -50,10 +54,17 @@ def describe(value: Any) -> Any:
     """``value`` as JSON can show it: plain values as they are, objects by description.
 
     An object's ``describe()`` if it has one, else its ``repr``: callbacks
-    say what they are (``maildir:/var/mail``), never a password.
+    say what they are (``maildir:/var/mail``), never a password.  Paths and
+    networks are strings, tuples are lists.
     """
     if value is None or isinstance(value, str | int | float | bool):
         return value
+    if isinstance(value, list | tuple):
+        return [describe(item) for item in value]
+    if isinstance(value, PurePath | ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return str(value)
+    if isinstance(value, ssl.SSLContext):
+        return "ssl.SSLContext"  # its certificate and key stay out of sight
     method = getattr(value, "describe", None)
     if callable(method):
         return str(method())
@@ -128,6 +139,11 @@ class ConfigView(BaseModel):
     max_connections: int
     max_connections_per_ip: int
     max_auth_failures: int
+    tls_cert: str | None = Field(description="PEM certificate chain file, if TLS is configured by files.")
+    tls_key: str | None = Field(description="Its private key file (the path only).")
+    ssl_context: str | None = Field(description="'ssl.SSLContext' when a context object was given instead.")
+    implicit_tls: bool = Field(description="POP3S: TLS from the first byte.")
+    cleartext_auth_from: list[str] = Field(description="Networks that may log in with a password before TLS.")
     state: Literal["down", "up", "exiting"]
 
     @classmethod
@@ -201,6 +217,7 @@ class ConnectionSummary(BaseModel):
     remote_port: int
     user: str | None = Field(description="The user, once given.")
     state: str = Field(description="auth, trans, update or closed.")
+    tls: bool = Field(description="Whether the connection is encrypted.")
     started: IsoDatetime
     last_activity: IsoDatetime
 
@@ -213,6 +230,7 @@ class ConnectionSummary(BaseModel):
             remote_port=state["remoteport"],
             user=state["name"] or None,
             state=state["state"],
+            tls=state["tls"],
             started=state["started"],
             last_activity=state["last_activity"],
         )
@@ -243,13 +261,16 @@ class ConnectionState(BaseModel):
     connection: str = Field(description="The connection id.")
     state: str
     name: str = Field(description="The user, once given; else empty.")
-    logon: str = Field(description="How the user logs in (user or apop); else empty.")
+    logon: str = Field(description="How the user logs in (user, apop, plain or login); else empty.")
     storage: str = Field(description="The mailbox, once logged in.")
     deleted: list[int] = Field(description="Messages marked for deletion.")
     msg: int = Field(description="Messages in the maildrop.")
     size: int = Field(description="Octets in the maildrop.")
     started: IsoDatetime
     last_activity: IsoDatetime
+    tls: bool = Field(description="Whether the connection is encrypted (POP3S, or after STLS).")
+    tls_version: str | None = Field(description="TLSv1.2 or TLSv1.3 when encrypted, else null.")
+    tls_cipher: str | None = Field(description="The cipher suite when encrypted, else null.")
 
 
 class Health(BaseModel):

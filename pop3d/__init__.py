@@ -8,8 +8,7 @@ mailboxes.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .callbacks import Auth, HashedPassword, MessageData, Storage, sync_auth, sync_storage
 from .errors import NameTaken, OptionError, Pop3dError, StateError, UnknownConnection
 from .maildir import MaildirStorage

@@ -8,17 +8,34 @@ changes nothing.  ``state`` is read-only and lives on the server itself.
 from __future__ import annotations
 
 import socket
-from typing import Any
+import ssl
+from pathlib import Path
+from typing import Annotated, Any
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, IPvAnyNetwork, field_validator, model_validator
 
 from .callbacks import Auth, Storage
 from .errors import OptionError
+from .networks import LOOPBACK, parse_networks
+from .tls import check_context
 
 __all__ = ["READ_ONLY", "ServerOptions", "validate_options"]
 
 READ_ONLY = ("state",)
+
+
+class _Conflict(ValueError):
+    """Options that do not go together; ``option`` is the one the message names."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(message)
+        self.option = option
+
+
+# A tuple of networks, from a list or from "10.0.0.0/8,::1/128" or "none" (the
+# validator travels with the type, so the admin API's PATCH model has it too).
+Networks = Annotated[tuple[IPvAnyNetwork, ...], BeforeValidator(parse_networks)]
 
 
 class ServerOptions(BaseModel):
@@ -50,6 +67,32 @@ class ServerOptions(BaseModel):
     max_connections: int = Field(1000, ge=1, description="Open connections at most; more are refused.")
     max_connections_per_ip: int = Field(100, ge=1, description="Open connections from one address at most.")
     max_auth_failures: int = Field(3, ge=1, le=100, description="Failed logins before the session is closed.")
+    tls_cert: Path | None = Field(None, description="PEM certificate chain: offers STLS, or serves POP3S.")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert (may be the same file).")
+    ssl_context: ssl.SSLContext | None = Field(None, description="A ready server context, instead of tls_cert/key.")
+    implicit_tls: bool = Field(False, description="POP3S (RFC 8314): TLS from the first byte, no STLS.")
+    cleartext_auth_from: Networks = Field(
+        LOOPBACK,
+        description="Client networks that may send a password before TLS; others must use STLS or POP3S.",
+    )
+
+    @field_validator("ssl_context")
+    @classmethod
+    def _secure_context(cls, value: ssl.SSLContext | None) -> ssl.SSLContext | None:
+        if value is not None:
+            check_context(value)
+        return value
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> ServerOptions:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            missing = "tls_key" if self.tls_key is None else "tls_cert"
+            raise _Conflict(missing, "tls_cert and tls_key go together")
+        if self.tls_cert is not None and self.ssl_context is not None:
+            raise _Conflict("ssl_context", "give tls_cert and tls_key, or ssl_context, not both")
+        if self.implicit_tls and self.tls_cert is None and self.ssl_context is None:
+            raise _Conflict("implicit_tls", "needs tls_cert and tls_key, or ssl_context")
+        return self
 
 
 def validate_options(current: ServerOptions, changes: dict[str, Any]) -> ServerOptions:
@@ -62,12 +105,21 @@ def validate_options(current: ServerOptions, changes: dict[str, Any]) -> ServerO
     try:
         return ServerOptions.model_validate(merged)
     except pydantic.ValidationError as exc:
-        raise OptionError(
-            [(".".join(str(part) for part in error["loc"]) or "options", _message(error)) for error in exc.errors()]
-        ) from None
+        raise OptionError([(_option(error), _message(error)) for error in exc.errors()]) from None
+
+
+def _option(error: Any) -> str:
+    cause = error.get("ctx", {}).get("error")
+    if isinstance(cause, _Conflict):
+        return cause.option
+    # A tuple's items add their index to the location: the option is the first part.
+    return str(error["loc"][0]) if error["loc"] else "options"
 
 
 def _message(error: Any) -> str:
+    cause = error.get("ctx", {}).get("error")
+    if isinstance(cause, ValueError):
+        return str(cause)
     if error["type"] == "extra_forbidden":
         return "unknown option"
     if error["type"] == "is_instance_of":

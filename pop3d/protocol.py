@@ -6,14 +6,17 @@ with :meth:`~POP3Connection.next_event`, and sends whatever
 :meth:`~POP3Connection.data_to_send` returns.
 
 Commands the engine can answer from what it knows (STAT, LIST, DELE, RSET,
-NOOP, USER, CAPA, QUIT before login, and every command that is malformed or
-illegal in the current state) are answered by the engine itself and produce
-no event.  Commands that need the mailbox or the user database produce an
-event, and the caller answers through the matching method:
+NOOP, USER, CAPA, QUIT before login, the steps of a SASL exchange, and every
+command that is malformed or illegal in the current state) are answered by
+the engine itself and produce no event.  Commands that need the mailbox, the
+user database or the TLS layer produce an event, and the caller answers
+through the matching method:
 
 ========================  ==================================================
 event                     the caller answers with
 ========================  ==================================================
+:class:`StartTLS`         the TLS handshake, then
+                          :meth:`~POP3Connection.tls_started`
 :class:`Authenticate`     :meth:`~POP3Connection.login_succeeded` or
                           :meth:`~POP3Connection.login_failed`
 :class:`Retrieve`         :meth:`~POP3Connection.start_message`, then the
@@ -24,19 +27,26 @@ event                     the caller answers with
 ========================  ==================================================
 
 Any of the answers may instead be :meth:`~POP3Connection.command_failed`,
-which sends ``-ERR [SYS/TEMP]`` and leaves the state as it was.
+which sends ``-ERR [SYS/TEMP]`` and leaves the state as it was (a failed
+handshake has no answer: the caller closes the connection).
+
+Logins that send a password as it is (USER/PASS, APOP, and SASL mechanisms
+such as PLAIN) are refused on an unencrypted connection unless the caller
+says the client may use them (``cleartext_allowed``, for trusted networks).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
-import hashlib
-import hmac
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from . import replies
+from .credentials import ApopDigest, Credentials, Password, apop_digest
 from .message import MessageWriter
+from .sasl import MECHANISMS, Challenge, Mechanism, SaslError
 
 __all__ = [
     "NEED_DATA",
@@ -49,6 +59,7 @@ __all__ = [
     "LoginFailure",
     "POP3Connection",
     "Retrieve",
+    "StartTLS",
     "State",
     "Update",
     "apop_digest",
@@ -95,13 +106,27 @@ class Event:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Authenticate(Event):
-    """PASS (after USER) or APOP: check the user's secret, then lock the maildrop."""
+class StartTLS(Event):
+    """STLS was accepted (``+OK`` is queued): send it, then do the TLS handshake."""
 
-    user: str
-    mechanism: str  # "user" or "apop"
-    password: str | None = field(default=None, repr=False)  # for "user"; never in a repr or log
-    digest: str | None = field(default=None, repr=False)  # lowercase hex, for "apop"
+
+@dataclass(frozen=True, kw_only=True)
+class Authenticate(Event):
+    """PASS, APOP or a finished AUTH: check the credentials, then lock the maildrop.
+
+    ``mechanism`` is ``user``, ``apop`` or a SASL mechanism in lower case
+    (``plain``, ``login``).  Check with ``credentials.matches(password)``
+    against a plain stored password, or a hash against
+    ``credentials.password`` (``None`` for challenge-response mechanisms).
+    """
+
+    mechanism: str
+    credentials: Credentials  # its repr shows the user, never the secret
+
+    @property
+    def user(self) -> str:
+        """The user the client claims to be."""
+        return self.credentials.user
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,12 +165,6 @@ class LoginFailure(enum.Enum):
     SYS_TEMP = replies.SYS_TEMP
 
 
-def apop_digest(challenge: str, password: str) -> str:
-    """The APOP digest of RFC 1939 section 7: hex MD5 of challenge + password."""
-    data = (challenge + password).encode("utf-8", "surrogateescape")
-    return hashlib.md5(data, usedforsecurity=False).hexdigest()
-
-
 def valid_uid(uid: str) -> bool:
     """RFC 1939 section 7: 1 to 70 characters in the range 0x21 to 0x7E."""
     return 1 <= len(uid) <= 70 and all("\x21" <= c <= "\x7e" for c in uid)
@@ -173,33 +192,51 @@ def _printable(text: str, limit: int = 40) -> str:
 class POP3Connection:
     """One POP3 session's protocol state, driven by its caller.
 
-    ``challenge`` is the APOP timestamp sent in the greeting.  ``capabilities``
-    are the CAPA lines.  ``max_line`` bounds a command line (CRLF included);
-    a longer one is answered with ``-ERR`` and skipped without being buffered.
-    After ``max_auth_failures`` failed logins the session is closed.
+    ``challenge`` is the APOP timestamp sent in the greeting.
+    ``implementation`` is CAPA's ``IMPLEMENTATION`` (none if ``None``).
+    ``max_line`` bounds a command line (CRLF included); a longer one is
+    answered with ``-ERR`` and skipped without being buffered.  After
+    ``max_auth_failures`` failed logins the session is closed.
     ``on_command`` is called with the keyword of each known command (for
     statistics).  With ``apop=False`` the greeting carries no challenge and
     APOP is refused (for user databases that store password hashes).
+
+    TLS: ``encrypted`` says the connection is encrypted from the start
+    (POP3S); ``tls_available`` offers STLS until it is.  Until then, logins
+    that send a password are refused unless ``cleartext_allowed`` (the
+    client is on a trusted network).  ``mechanisms`` are the SASL
+    mechanisms AUTH offers.
     """
 
     def __init__(
         self,
         *,
         challenge: str,
-        capabilities: Sequence[str],
+        implementation: str | None = None,
         max_line: int = DEFAULT_MAX_LINE,
         max_auth_failures: int = DEFAULT_MAX_AUTH_FAILURES,
         on_command: Callable[[str], None] | None = None,
         apop: bool = True,
+        encrypted: bool = False,
+        tls_available: bool = False,
+        cleartext_allowed: bool = True,
+        mechanisms: Sequence[type[Mechanism]] = MECHANISMS,
     ) -> None:
         self.challenge = challenge
-        self.capabilities = tuple(capabilities)
+        self.implementation = implementation
         self.max_line = max_line
         self.max_auth_failures = max_auth_failures
         self._on_command = on_command
         self.apop = apop
+        #: Whether the connection is encrypted (POP3S, or after STLS).
+        self.encrypted = encrypted
+        self.tls_available = tls_available
+        self.cleartext_allowed = cleartext_allowed
+        self._mechanisms = {mechanism.name.upper(): mechanism for mechanism in mechanisms}
+        self._sasl: Mechanism | None = None  # the AUTH exchange in progress
         self.state = State.AUTHORIZATION
-        #: ``""``, ``"user"`` or ``"apop"``: the login mechanism the client chose.
+        #: The login mechanism the client chose: ``""``, ``"user"``, ``"apop"``
+        #: or a SASL mechanism in lower case.
         self.mechanism = ""
         #: The user name given with USER or APOP.
         self.user = ""
@@ -219,6 +256,8 @@ class POP3Connection:
                 "USER": self._user,
                 "PASS": self._pass,
                 "APOP": self._apop,
+                "AUTH": self._auth,
+                "STLS": self._stls,
                 "QUIT": self._quit,
                 "CAPA": self._capa,
             },
@@ -295,7 +334,7 @@ class POP3Connection:
                 elif len(self._buffer) - self._start > self.max_line:
                     self._drop_partial_line()
                     self._discarding = True
-                    self._reply(replies.err(replies.LINE_TOO_LONG.format(limit=self.max_line)))
+                    self._line_too_long()
                 else:
                     self._scanned = len(self._buffer)
                 return None
@@ -306,7 +345,7 @@ class POP3Connection:
                 self._discarding = False
                 continue
             if length > self.max_line:
-                self._reply(replies.err(replies.LINE_TOO_LONG.format(limit=self.max_line)))
+                self._line_too_long()
                 continue
             if raw.endswith(b"\r"):
                 raw = raw[:-1]
@@ -316,7 +355,13 @@ class POP3Connection:
         self._buffer.clear()
         self._start = self._scanned = 0
 
+    def _line_too_long(self) -> None:
+        self._sasl = None  # the -ERR ends an AUTH exchange, too
+        self._reply(replies.err(replies.LINE_TOO_LONG.format(limit=self.max_line)))
+
     def _dispatch(self, line: str) -> Event | None:
+        if self._sasl is not None:
+            return self._sasl_response(line)
         keyword, _, rest = line.partition(" ")
         keyword = keyword.upper()
         if self._on_command is not None and keyword in self._known:
@@ -347,7 +392,115 @@ class POP3Connection:
 
     # -- AUTHORIZATION --------------------------------------------------
 
+    # -- cleartext and TLS ------------------------------------------------
+
+    @property
+    def cleartext_ok(self) -> bool:
+        """Whether a password may cross this connection now (encrypted, or a trusted client)."""
+        return self.encrypted or self.cleartext_allowed
+
+    def _refuse_cleartext(self) -> bool:
+        """Refuse a login that sends a password, if it may not; True if refused."""
+        if self.cleartext_ok:
+            return False
+        stls = self.tls_available and not self.encrypted
+        self._reply(replies.err(replies.CLEARTEXT_USE_STLS if stls else replies.CLEARTEXT_NO_TLS))
+        return True
+
+    def _stls(self, args: list[str], rest: str) -> Event | None:
+        if args:
+            raise _BadArguments
+        if self.encrypted:
+            self._reply(replies.err(replies.STLS_ACTIVE))
+            return None
+        if not self.tls_available:
+            self._reply(replies.err(replies.STLS_UNAVAILABLE))
+            return None
+        self._reply(replies.ok(replies.STLS_BEGIN))
+        # Whatever came after STLS came in clear, before the handshake: a
+        # man in the middle could have put it there (CVE-2011-0411).
+        self._drop_partial_line()
+        self._discarding = False
+        return StartTLS()
+
+    def tls_started(self) -> None:
+        """The TLS handshake after STLS succeeded: the session starts afresh, encrypted.
+
+        What the client said before (a USER name, the login mechanism) is
+        forgotten (RFC 2595 section 4); failed logins still count.
+        """
+        self._answered(StartTLS)
+        self.encrypted = True
+        self.user = ""
+        self.mechanism = ""
+
+    # -- AUTH (SASL) ----------------------------------------------------
+
+    def _offered_mechanisms(self) -> list[str]:
+        return [name for name, mech in self._mechanisms.items() if self.cleartext_ok or not mech.sends_password]
+
+    def _auth(self, args: list[str], rest: str) -> Event | None:
+        if not args:
+            # Not in RFC 5034, but Outlook sends a bare AUTH to list the mechanisms.
+            names = "".join(name + "\r\n" for name in self._offered_mechanisms())
+            self._reply(replies.ok(replies.AUTH_MECHANISMS) + names.encode() + b".\r\n")
+            return None
+        if len(args) > 2:
+            raise _BadArguments
+        mechanism = self._mechanisms.get(args[0].upper())
+        if mechanism is None:
+            self._reply(replies.err(replies.AUTH_UNKNOWN_MECHANISM.format(mechanism=_printable(args[0]))))
+            return None
+        if mechanism.sends_password and self._refuse_cleartext():
+            return None  # before the initial response is even decoded
+        initial: bytes | None = None
+        if len(args) == 2:
+            initial = b"" if args[1] == "=" else self._decode_response(args[1])
+            if initial is None:
+                return None
+        if self.mechanism == "user":
+            self.user = ""  # a USER without its PASS is abandoned
+        self.mechanism = mechanism.name.lower()
+        self._sasl = mechanism()
+        return self._sasl_step(initial)
+
+    def _sasl_response(self, line: str) -> Event | None:
+        if line.strip() == "*":
+            self._sasl = None
+            self._reply(replies.err(replies.AUTH_CANCELLED))
+            return None
+        data = self._decode_response(line)
+        return None if data is None else self._sasl_step(data)
+
+    def _decode_response(self, text: str) -> bytes | None:
+        """A base64 response decoded; None (exchange over, failure counted) if it is not base64."""
+        try:
+            return base64.b64decode(text.strip().encode("ascii"), validate=True)
+        except (UnicodeEncodeError, binascii.Error):
+            self._sasl = None
+            self._auth_failure(replies.AUTH_BAD_BASE64)
+            return None
+
+    def _sasl_step(self, response: bytes | None) -> Event | None:
+        assert self._sasl is not None
+        try:
+            result = self._sasl.step(response)
+        except SaslError as exc:
+            self._sasl = None
+            self._auth_failure(replies.AUTH_REJECTED.format(reason=exc))
+            return None
+        if isinstance(result, Challenge):
+            self._reply(replies.challenge(base64.b64encode(result.data).decode("ascii")))
+            return None
+        self._sasl = None
+        self.user = result.user
+        return Authenticate(mechanism=self.mechanism, credentials=result)
+
+    # -- USER, PASS, APOP -----------------------------------------------
+
     def _user(self, args: list[str], rest: str) -> None:
+        if self._refuse_cleartext():
+            return
         if len(args) != 1:
             raise _BadArguments
         if self.mechanism == "apop":
@@ -358,15 +511,19 @@ class POP3Connection:
         self._reply(replies.ok(replies.USER_ACCEPTED))
 
     def _pass(self, args: list[str], rest: str) -> Event | None:
+        if self._refuse_cleartext():
+            return None
         # The password is the rest of the line: it may hold spaces (RFC 1939 section 7).
         if not rest:
             raise _BadArguments
         if self.mechanism != "user" or not self.user:
             self._reply(replies.err(replies.PASS_WITHOUT_USER))
             return None
-        return Authenticate(user=self.user, mechanism="user", password=rest)
+        return Authenticate(mechanism="user", credentials=Password(user=self.user, secret=rest))
 
     def _apop(self, args: list[str], rest: str) -> Event | None:
+        if self._refuse_cleartext():
+            return None
         if len(args) != 2:
             raise _BadArguments
         if not self.apop:
@@ -377,20 +534,8 @@ class POP3Connection:
             return None
         self.mechanism = "apop"
         self.user = args[0]
-        return Authenticate(user=args[0], mechanism="apop", digest=args[1].lower())
-
-    def password_matches(self, event: Authenticate, password: str) -> bool:
-        """Whether ``password`` (the user's stored plain password) proves ``event``.
-
-        Compares in constant time.
-        """
-        if event.mechanism == "apop":
-            expected = apop_digest(self.challenge, password).encode()
-            given = (event.digest or "").encode("utf-8", "surrogateescape")
-        else:
-            expected = password.encode("utf-8", "surrogateescape")
-            given = (event.password or "").encode("utf-8", "surrogateescape")
-        return hmac.compare_digest(expected, given)
+        credentials = ApopDigest(user=args[0], challenge=self.challenge, digest=args[1].lower())
+        return Authenticate(mechanism="apop", credentials=credentials)
 
     def login_succeeded(self, sizes: Sequence[int]) -> None:
         """The login was good and the maildrop is locked; ``sizes`` per message."""
@@ -403,17 +548,24 @@ class POP3Connection:
     def login_failed(self, reason: LoginFailure) -> None:
         """The login failed; the session stays in AUTHORIZATION (or ends, after too many)."""
         self._answered(Authenticate)
-        if self.mechanism == "user":
-            self.user = ""  # a new USER is needed (RFC 1939 section 7)
+        self._forget_user()
         if reason is not LoginFailure.BAD_CREDENTIALS:
             self._reply(replies.err(reason.value))
             return
+        self._auth_failure(reason.value)
+
+    def _forget_user(self) -> None:
+        if self.mechanism != "apop":
+            self.user = ""  # a new USER (or AUTH) is needed (RFC 1939 section 7)
+
+    def _auth_failure(self, text: str) -> None:
+        """A failed login (bad credentials, or a broken AUTH exchange): ``-ERR text``, or the end."""
         self.auth_failures += 1
         if self.auth_failures >= self.max_auth_failures:
             self._reply(replies.err(replies.AUTH_TOO_MANY))
             self.state = State.CLOSED
         else:
-            self._reply(replies.err(reason.value))
+            self._reply(replies.err(text))
 
     # -- TRANSACTION ----------------------------------------------------
 
@@ -532,8 +684,26 @@ class POP3Connection:
     def _capa(self, args: list[str], rest: str) -> None:
         if args:
             raise _BadArguments
-        body = "".join(line + "\r\n" for line in self.capabilities)
+        body = "".join(line + "\r\n" for line in self.capabilities())
         self._reply(replies.ok(replies.CAPA) + body.encode() + b".\r\n")
+
+    def capabilities(self) -> list[str]:
+        """The CAPA lines now (RFC 2449).  They change with TLS (RFC 2595 section 4).
+
+        ``STLS`` while TLS can still start; ``USER`` and the SASL mechanisms
+        that send a password only where a password may be sent now.
+        """
+        lines = ["TOP", "UIDL"]
+        if self.tls_available and not self.encrypted:
+            lines.append("STLS")
+        if self.cleartext_ok:
+            lines.append("USER")
+        if mechanisms := self._offered_mechanisms():
+            lines.append("SASL " + " ".join(mechanisms))
+        lines += ["RESP-CODES", "PIPELINING", "AUTH-RESP-CODE", "EXPIRE NEVER"]
+        if self.implementation:
+            lines.append(f"IMPLEMENTATION {self.implementation}")
+        return lines
 
     def _quit(self, args: list[str], rest: str) -> Event:
         if args:
@@ -565,8 +735,8 @@ class POP3Connection:
             self.update_finished(False)
             return
         self._answered(type(event))
-        if isinstance(event, Authenticate) and self.mechanism == "user":
-            self.user = ""
+        if isinstance(event, Authenticate):
+            self._forget_user()
         self._reply(replies.err(replies.SYS_TEMP))
 
     def close(self, reply: str | None = None) -> None:
@@ -574,4 +744,5 @@ class POP3Connection:
         if reply is not None and self.state is not State.CLOSED:
             self._reply(replies.err(reply))
         self._awaiting = None
+        self._sasl = None
         self.state = State.CLOSED

@@ -23,6 +23,28 @@ MECHANISM_USER_CHOSEN = "login mechanism USER/PASS was chosen, APOP not allowed"
 APOP_DISABLED = "APOP is not enabled on this server, use USER and PASS"
 MECHANISM_APOP_CHOSEN = "login mechanism APOP was chosen, USER not allowed"
 NOT_AUTHENTICATED = "client not authenticated"
+
+# Cleartext logins on an unencrypted connection from outside the trusted networks.
+CLEARTEXT_USE_STLS = "[AUTH] cleartext logins are not allowed on an unencrypted connection (use STLS first)"
+CLEARTEXT_NO_TLS = "[AUTH] cleartext logins are not allowed on an unencrypted connection, and this server offers no TLS"
+
+# STLS (RFC 2595).
+STLS_BEGIN = "begin TLS negotiation"
+STLS_ACTIVE = "command not permitted when TLS active"
+STLS_UNAVAILABLE = "TLS is not available on this server"
+
+# AUTH (RFC 5034).  A challenge is "+ " and base64, not a reply of its own here.
+AUTH_MECHANISMS = "SASL mechanisms follow"
+AUTH_UNKNOWN_MECHANISM = "unsupported authentication mechanism '{mechanism}'"
+AUTH_CANCELLED = "authentication cancelled"
+AUTH_BAD_BASE64 = "[AUTH] the response is not valid base64"
+AUTH_REJECTED = "[AUTH] {reason}"
+# The reasons of AUTH_REJECTED: what was wrong with the client's SASL messages.
+SASL_PLAIN_FORM = "a PLAIN message is authzid NUL authcid NUL password"
+SASL_OTHER_USER = "logging in as another user is not supported"
+SASL_NOT_UTF8 = "the {what} is not UTF-8"
+SASL_EMPTY = "the {what} is empty"
+SASL_ONE_MESSAGE = "{mechanism} takes one message"
 ALREADY_AUTHENTICATED = "client already authenticated"
 
 # TRANSACTION state.
@@ -72,12 +94,19 @@ USAGE = {
     "TOP": "TOP msg lines",
     "UIDL": "UIDL [msg]",
     "CAPA": "CAPA",
+    "STLS": "STLS",
+    "AUTH": "AUTH [mechanism [initial-response]]",
 }
 
 
 def ok(text: str = "") -> bytes:
     """A single-line positive reply, ready for the wire."""
     return b"+OK " + text.encode() + b"\r\n" if text else b"+OK\r\n"
+
+
+def challenge(data: str) -> bytes:
+    """A SASL server challenge line: ``+``, a space and base64 (maybe empty)."""
+    return b"+ " + data.encode() + b"\r\n"
 
 
 def err(text: str) -> bytes:

@@ -19,32 +19,30 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import ssl
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import trio
 
-from . import __version__, replies
+from . import replies
+from ._version import __version__
 from .errors import NameTaken, OptionError, StateError, UnknownConnection
 from .options import ServerOptions, validate_options
 from .session import Session, SessionSettings
 from .stats import ServerStats
+from .tls import TLSError, server_context
 
-__all__ = ["CAPABILITIES", "Server", "get", "new", "servers"]
+__all__ = ["IMPLEMENTATION", "Server", "get", "new", "servers"]
 
 log = logging.getLogger("pop3d.server")
 
-CAPABILITIES = (
-    "TOP",
-    "UIDL",
-    "USER",
-    "RESP-CODES",
-    "PIPELINING",
-    "AUTH-RESP-CODE",
-    "EXPIRE NEVER",
-    f"IMPLEMENTATION pop3d-{__version__}",
-)
+#: CAPA's IMPLEMENTATION line (RFC 2449).
+IMPLEMENTATION = f"pop3d-{__version__}"
+
+# Options from which the server makes its TLS context.
+_TLS_OPTIONS = ("tls_cert", "tls_key", "ssl_context")
 
 ServerState = Literal["down", "up", "exiting"]
 
@@ -95,6 +93,7 @@ class Server:
     def __init__(self, name: str) -> None:
         self.name = name
         self._options = ServerOptions()
+        self._tls_context: ssl.SSLContext | None = None
         self._state: ServerState = "down"
         self._true_port: int | None = None
         self._nursery: trio.Nursery | None = None
@@ -127,7 +126,14 @@ class Server:
         if not options:
             return {name: self.cget(name) for name in (*ServerOptions.model_fields, "state")}
         self._check_alive()
-        self._options = validate_options(self._options, options)
+        new = validate_options(self._options, options)
+        context = self._tls_context
+        if any(getattr(new, name) != getattr(self._options, name) for name in _TLS_OPTIONS):
+            try:
+                context = _tls_context_of(new)
+            except TLSError as exc:
+                raise OptionError([("tls_cert", str(exc))]) from None
+        self._options, self._tls_context = new, context
         return None
 
     def cget(self, option: str) -> Any:
@@ -144,6 +150,27 @@ class Server:
     def options(self) -> ServerOptions:
         """The configured options (``port`` as configured, not as bound)."""
         return self._options
+
+    @property
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The context new connections get (from ``tls_cert``/``tls_key`` or ``ssl_context``)."""
+        return self._tls_context
+
+    def reload_tls(self) -> bool:
+        """Read ``tls_cert`` and ``tls_key`` again, for connections from now on.
+
+        Open sessions keep the context they started with.  Returns whether
+        there was anything to reload (``False`` without ``tls_cert``).
+        Raises :class:`~pop3d.tls.TLSError`, keeping the old context, if the
+        files cannot be used.
+        """
+        self._check_alive()
+        options = self._options
+        if options.tls_cert is None:
+            return False
+        self._tls_context = _tls_context_of(options)
+        log.info("server %s loaded the certificate %s", self.name, options.tls_cert)
+        return True
 
     @property
     def state(self) -> ServerState:
@@ -325,13 +352,16 @@ class Server:
             hostname=options.hostname,
             auth=options.auth,
             storage=options.storage,
-            capabilities=CAPABILITIES,
+            implementation=IMPLEMENTATION,
             idle_timeout=options.idle_timeout,
             max_line=options.max_line,
             max_auth_failures=options.max_auth_failures,
             login_failure_delay=options.login_failure_delay,
             apop=options.apop,
             stats=self.stats,
+            tls_context=self._tls_context,
+            implicit_tls=options.implicit_tls,
+            cleartext_auth_from=options.cleartext_auth_from,
         )
 
     async def _accept(self, stream: trio.abc.Stream) -> None:
@@ -345,11 +375,13 @@ class Server:
         :func:`trio.testing.memory_stream_pair`.
         """
         options = self._options
+        # On a POP3S port a plain-text -ERR would reach the client as garbage.
+        answer = not options.implicit_tls
         if len(self._sessions) >= options.max_connections:
-            await _refuse(stream, replies.TOO_MANY_CONNECTIONS)
+            await _refuse(stream, replies.TOO_MANY_CONNECTIONS, answer=answer)
             return
         if peer[0] and self._per_address[peer[0]] >= options.max_connections_per_ip:
-            await _refuse(stream, replies.TOO_MANY_FROM_ADDRESS)
+            await _refuse(stream, replies.TOO_MANY_FROM_ADDRESS, answer=answer)
             return
         conn_id = f"conn{next(self._ids)}"
         session = Session(conn_id, stream, peer, self._settings())
@@ -396,13 +428,22 @@ class Server:
         self.session(conn_id).close(reason)
 
 
-async def _refuse(stream: trio.abc.Stream, text: str) -> None:
-    """Answer a connection over the limits with ``-ERR`` and close it."""
+async def _refuse(stream: trio.abc.Stream, text: str, *, answer: bool) -> None:
+    """Close a connection over the limits, answering ``-ERR text`` first if ``answer``."""
     log.warning("refusing a connection: %s", text)
-    with trio.move_on_after(5):
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await stream.send_all(replies.err(text))
+    if answer:
+        with trio.move_on_after(5):
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_all(replies.err(text))
     await trio.aclose_forcefully(stream)
+
+
+def _tls_context_of(options: ServerOptions) -> ssl.SSLContext | None:
+    if options.ssl_context is not None:
+        return options.ssl_context
+    if options.tls_cert is not None and options.tls_key is not None:
+        return server_context(options.tls_cert, options.tls_key)
+    return None
 
 
 class _Started:

@@ -3,8 +3,9 @@
 :class:`Session` moves bytes between a Trio stream and a
 :class:`~pop3d.protocol.POP3Connection`, and answers the engine's events by
 calling the server's ``auth`` and ``storage`` callbacks.  Every POP3 rule
-lives in the engine; what lives here is I/O, timeouts, and making sure that
-a failure ends with the lock released and nothing deleted.
+lives in the engine; what lives here is I/O (the TLS handshake among it),
+timeouts, and making sure that a failure ends with the lock released and
+nothing deleted.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import math
 import os
 import secrets
+import ssl
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,6 +24,8 @@ import trio
 
 from . import replies
 from .callbacks import Auth, HashedPassword, Storage, iterate_message
+from .credentials import Credentials
+from .networks import Network, address_in
 from .protocol import (
     NEED_DATA,
     PAUSED,
@@ -32,6 +36,7 @@ from .protocol import (
     LoginFailure,
     POP3Connection,
     Retrieve,
+    StartTLS,
     State,
     Update,
 )
@@ -47,6 +52,8 @@ SEND_BATCH = 65536
 UNLOCK_TIMEOUT = 10.0
 # How long a last "-ERR ..." before closing may take: the client may not be reading.
 CLOSING_SEND_TIMEOUT = 5.0
+# A TLS handshake is a few round trips; a client that stalls in it holds a connection.
+HANDSHAKE_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,13 +64,19 @@ class SessionSettings:
     hostname: str
     auth: Auth | None
     storage: Storage | None
-    capabilities: tuple[str, ...]
+    implementation: str
     idle_timeout: float
     max_line: int
     max_auth_failures: int
     login_failure_delay: float
     apop: bool
     stats: ServerStats
+    #: The server's TLS context when the session starts (a later reload does not change it).
+    tls_context: ssl.SSLContext | None = None
+    #: TLS from the first byte (POP3S) rather than STLS.
+    implicit_tls: bool = False
+    #: Client networks where a password may cross an unencrypted connection.
+    cleartext_auth_from: tuple[Network, ...] = ()
 
 
 class _ConnectionLost(Exception):
@@ -84,6 +97,15 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+async def _secret_matches(credentials: Credentials, secret: str | HashedPassword) -> bool:
+    """Whether ``credentials`` prove the user's stored ``secret``, whatever the mechanism."""
+    if isinstance(secret, str):
+        return credentials.matches(secret)
+    if credentials.password is None:
+        return False  # a challenge-response (APOP) needs the plain password, which a hash cannot give
+    return await secret.verify(credentials.password)
+
+
 class Session:
     """A POP3 session on ``stream`` with the client at ``peer`` (host, port)."""
 
@@ -98,13 +120,18 @@ class Session:
         self.stream = stream
         self.peer = peer
         self.settings = settings
+        implicit_tls = settings.implicit_tls and settings.tls_context is not None
         self.protocol = POP3Connection(
             challenge=_challenge(settings.hostname),
-            capabilities=settings.capabilities,
+            implementation=settings.implementation,
             max_line=settings.max_line,
             max_auth_failures=settings.max_auth_failures,
             on_command=self._count_command,
             apop=settings.apop,
+            # Implicit TLS: encrypted before the greeting, so before any command.
+            encrypted=implicit_tls,
+            tls_available=settings.tls_context is not None,
+            cleartext_allowed=address_in(peer[0], settings.cleartext_auth_from),
         )
         self.mailbox: str | None = None
         self.storage: Storage | None = None  # the storage holding our lock
@@ -125,9 +152,25 @@ class Session:
 
     # -- what conn_state shows ------------------------------------------
 
+    @property
+    def tls(self) -> trio.SSLStream[trio.abc.Stream] | None:
+        """The TLS layer, once the handshake is done; ``None`` on a plain connection."""
+        return self.stream if isinstance(self.stream, trio.SSLStream) else None
+
+    def tls_summary(self) -> str:
+        """``TLSv1.3`` (the version), or ``no``: for log lines."""
+        tls = self.tls
+        return str(tls.version()) if tls is not None else "no"
+
     def state(self) -> dict[str, Any]:
-        """The connection's state, with the keys of the original's ``conn state``."""
+        """The connection's state, with the keys of the original's ``conn state``.
+
+        Beyond those: ``tls`` and, when encrypted, ``tls_version`` and
+        ``tls_cipher``.
+        """
         proto = self.protocol
+        tls = self.tls
+        cipher = tls.cipher() if tls is not None else None
         return {
             "remotehost": self.peer[0],
             "remoteport": self.peer[1],
@@ -143,6 +186,9 @@ class Session:
             "size": sum(proto.sizes),
             "started": self.started,
             "last_activity": self.last_activity,
+            "tls": tls is not None,
+            "tls_version": tls.version() if tls is not None else None,
+            "tls_cipher": cipher[0] if cipher else None,
         }
 
     def close(self, reason: str | None = None) -> None:
@@ -177,12 +223,14 @@ class Session:
                 except Exception:
                     log.exception("session %s: closing the stream failed", self.conn_id)
             self.finished.set()
+            self._stats.sessions_ended[self.tls is not None] += 1
             log.info(
-                "session %s user=%s remote=%s:%s retrieved=%d deleted=%d bytes=%d duration=%.3fs",
+                "session %s user=%s remote=%s:%s tls=%s retrieved=%d deleted=%d bytes=%d duration=%.3fs",
                 self.conn_id,
                 _printable(self.protocol.user) or "-",
                 self.peer[0],
                 self.peer[1],
+                self.tls_summary(),
                 self.retrieved,
                 self.deleted_count,
                 self.bytes_sent,
@@ -190,6 +238,8 @@ class Session:
             )
 
     async def _serve(self) -> None:
+        if self.protocol.encrypted:
+            await self._start_tls()  # POP3S: the handshake comes before the greeting
         await self._send(self.protocol.greeting(self.settings.hostname))
         proto = self.protocol
         while True:
@@ -254,7 +304,34 @@ class Session:
             except Exception:
                 log.exception("session %s: sending the last reply failed", self.conn_id)
 
+    async def _start_tls(self) -> None:
+        """Wrap the stream in TLS and do the handshake; a failure ends the session."""
+        context = self.settings.tls_context
+        assert context is not None
+        stream = trio.SSLStream(self.stream, context, server_side=True)
+        with trio.move_on_after(HANDSHAKE_TIMEOUT) as scope:
+            try:
+                await stream.do_handshake()
+            except trio.BrokenResourceError as exc:
+                self._stats.tls_failures += 1
+                reason = exc.__cause__ if isinstance(exc.__cause__, ssl.SSLError) else exc
+                log.info("session %s: TLS handshake failed: %s", self.conn_id, reason)
+                raise _ConnectionLost from exc
+        if scope.cancelled_caught:
+            self._stats.tls_failures += 1
+            log.info("session %s: TLS handshake timed out", self.conn_id)
+            raise _ConnectionLost
+        self.stream = stream
+        cipher = stream.cipher()
+        log.debug("session %s: TLS %s %s", self.conn_id, stream.version(), cipher[0] if cipher else "")
+
     async def _answer(self, event: Event) -> None:
+        if isinstance(event, StartTLS):
+            # After "+OK begin TLS" there is no plain-text answer left to give:
+            # a failed handshake ends the session.
+            await self._start_tls()
+            self.protocol.tls_started()
+            return
         try:
             if isinstance(event, Authenticate):
                 await self._authenticate(event)
@@ -278,9 +355,9 @@ class Session:
         auth = self.settings.auth
         started = trio.current_time()
         entry = await auth.lookup(event.user) if auth is not None else None
-        if entry is None or not await self._secret_matches(event, entry[0]):
+        if entry is None or not await _secret_matches(event.credentials, entry[0]):
             log.info("session %s: login failed for %r (%s)", self.conn_id, event.user, event.mechanism)
-            self._stats.logins_failed += 1
+            self._stats.logins[event.mechanism, "failed"] += 1
             # Every failure is answered at the same time after the command, so the
             # time does not tell an unknown user (no hash checked) from a wrong
             # password, and guessing is slow.
@@ -293,7 +370,7 @@ class Session:
             sizes: list[int] = []  # no storage: every mailbox is empty
         else:
             if not await storage.lock(mailbox):
-                self._stats.logins_failed += 1
+                self._stats.logins[event.mechanism, "failed"] += 1
                 proto.login_failed(LoginFailure.IN_USE)
                 return
             self.mailbox, self.storage = mailbox, storage
@@ -306,16 +383,9 @@ class Session:
                 self.mailbox = None
                 raise
         self.mailbox = mailbox
-        self._stats.logins_ok += 1
+        self._stats.logins[event.mechanism, "ok"] += 1
         log.info("session %s: %s logged in (%s), %d messages", self.conn_id, event.user, event.mechanism, len(sizes))
         proto.login_succeeded(sizes)
-
-    async def _secret_matches(self, event: Authenticate, secret: str | HashedPassword) -> bool:
-        if isinstance(secret, str):
-            return self.protocol.password_matches(event, secret)
-        if event.mechanism != "user" or event.password is None:
-            return False  # APOP needs the plain password, which a hash cannot give
-        return await secret.verify(event.password)
 
     async def _retrieve(self, event: Retrieve) -> None:
         proto = self.protocol

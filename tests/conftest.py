@@ -25,6 +25,7 @@ MESSAGES = [
     b"From: dave@example.org\nSubject: three\n\nthird, no final newline",
 ]
 SIZES = [canonical_size(m) for m in MESSAGES]
+TEST_NET = "192.0.2.0/24"  # RFC 5737: where connect()'s memory-stream clients come from
 TOTAL = sum(SIZES)
 
 
@@ -50,7 +51,16 @@ async def server(
 ) -> AsyncIterator[pop3d.Server]:
     """A running server (not listening) with alice and bob; destroyed afterwards."""
     srv = pop3d.new()
-    srv.configure(host="127.0.0.1", port=0, hostname="test.example", auth=users, storage=storage, login_failure_delay=0)
+    srv.configure(
+        host="127.0.0.1",
+        port=0,
+        hostname="test.example",
+        auth=users,
+        storage=storage,
+        login_failure_delay=0,
+        # Loopback, as by default, and connect()'s memory-stream clients in TEST-NET-1.
+        cleartext_auth_from=["127.0.0.0/8", "::1/128", TEST_NET],
+    )
     await nursery.start(srv.run)
     yield srv
     await srv.destroy()

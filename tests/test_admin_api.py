@@ -204,6 +204,11 @@ async def test_get_config_describes_callbacks_without_secrets(client: Client, se
         "max_connections": 1000,
         "max_connections_per_ip": 100,
         "max_auth_failures": 3,
+        "tls_cert": None,
+        "tls_key": None,
+        "ssl_context": None,
+        "implicit_tls": False,
+        "cleartext_auth_from": ["127.0.0.0/8", "::1/128"],
         "state": "up",
     }
 
@@ -459,8 +464,9 @@ async def test_metrics(client: Client, server: pop3d.Server) -> None:
     during = samples(await (await client.get("/metrics")).get_data(as_text=True), server.name)
     assert during[("pop3d_connections_open", ())] == 1
     assert during[("pop3d_sessions_total", ())] == 1
-    assert during[("pop3d_logins_total", (("result", "ok"),))] == 1
-    assert during[("pop3d_logins_total", (("result", "failed"),))] == 1
+    assert during[("pop3d_logins_total", (("mechanism", "user"), ("result", "ok")))] == 1
+    assert during[("pop3d_logins_total", (("mechanism", "user"), ("result", "failed")))] == 1
+    assert during[("pop3d_sessions_ended_total", (("tls", "false"),))] == 0
     assert during[("pop3d_commands_total", (("command", "RETR"),))] == 1
     assert during[("pop3d_commands_total", (("command", "USER"),))] == 2
     assert during[("pop3d_messages_retrieved_total", ())] == 1
@@ -472,6 +478,8 @@ async def test_metrics(client: Client, server: pop3d.Server) -> None:
     await wait_until(lambda: not server.conn_list())
     after = samples(await (await client.get("/metrics")).get_data(as_text=True), server.name)
     assert after[("pop3d_messages_deleted_total", ())] == 1
+    assert after[("pop3d_sessions_ended_total", (("tls", "false"),))] == 1
+    assert after[("pop3d_sessions_ended_total", (("tls", "true"),))] == 0
     assert after[("pop3d_connections_open", ())] == 0
 
 

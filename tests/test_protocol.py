@@ -8,10 +8,12 @@ tiny synchronous driver answers the engine's events from a fixed mailbox.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
 from pop3d import replies
+from pop3d.credentials import Password
 from pop3d.message import canonical_size
 from pop3d.protocol import (
     NEED_DATA,
@@ -23,12 +25,12 @@ from pop3d.protocol import (
     LoginFailure,
     POP3Connection,
     Retrieve,
+    StartTLS,
     State,
     Update,
     apop_digest,
     valid_uid,
 )
-from pop3d.server import CAPABILITIES
 
 CHALLENGE = "<1234.5678@test>"
 PASSWORD = "s3cret pass"  # a space, as RFC 1939 allows
@@ -39,6 +41,19 @@ MESSAGES = [
 ]
 SIZES = [canonical_size(m) for m in MESSAGES]
 UIDS = {1: "uid-one", 2: "uid-two", 3: "uid-three"}
+IMPLEMENTATION = "pop3d-test"
+# CAPA of a plain connection where passwords may be sent (the engine's defaults).
+CAPABILITIES = [
+    "TOP",
+    "UIDL",
+    "USER",
+    "SASL PLAIN LOGIN",
+    "RESP-CODES",
+    "PIPELINING",
+    "AUTH-RESP-CODE",
+    "EXPIRE NEVER",
+    f"IMPLEMENTATION {IMPLEMENTATION}",
+]
 
 
 @dataclass
@@ -66,7 +81,9 @@ class Driver:
             if isinstance(event, Closed):
                 self.closed = True
                 return out
-            if self.storage_fails and not isinstance(event, Authenticate):
+            if isinstance(event, StartTLS):
+                self.conn.tls_started()  # as if the handshake succeeded
+            elif self.storage_fails and not isinstance(event, Authenticate):
                 self.conn.command_failed(event)
             elif isinstance(event, Authenticate):
                 self._authenticate(event)
@@ -81,7 +98,7 @@ class Driver:
                 self.conn.update_finished(True)
 
     def _authenticate(self, event: Authenticate) -> None:
-        if event.user != "alice" or not self.conn.password_matches(event, PASSWORD):
+        if event.user != "alice" or not event.credentials.matches(PASSWORD):
             self.conn.login_failed(LoginFailure.BAD_CREDENTIALS)
         elif not self.lock_free:
             self.conn.login_failed(LoginFailure.IN_USE)
@@ -90,14 +107,19 @@ class Driver:
             self.conn.login_succeeded(SIZES)
 
 
-def new_conn(**kwargs: int) -> POP3Connection:
-    return POP3Connection(challenge=CHALLENGE, capabilities=CAPABILITIES, **kwargs)
+def new_conn(**kwargs: Any) -> POP3Connection:
+    return POP3Connection(challenge=CHALLENGE, implementation=IMPLEMENTATION, **kwargs)
 
 
-def run(data: bytes, *, bytewise: bool, **driver_args: bool) -> tuple[bytes, Driver]:
-    driver = Driver(new_conn(), **driver_args)
+def run(
+    data: bytes | list[bytes], *, bytewise: bool, conn_args: dict[str, Any] | None = None, **driver_args: bool
+) -> tuple[bytes, Driver]:
+    """Feed ``data`` (or each of its packets in turn) whole or byte by byte; what was sent."""
+    driver = Driver(new_conn(**(conn_args or {})), **driver_args)
     out = b""
-    chunks = [data[i : i + 1] for i in range(len(data))] if bytewise else [data]
+    packets = [data] if isinstance(data, bytes) else data
+    whole = b"".join(packets)
+    chunks = [whole[i : i + 1] for i in range(len(whole))] if bytewise else packets
     for chunk in chunks:
         driver.conn.receive_data(chunk)
         out += driver.pump()
@@ -401,7 +423,8 @@ def test_password_with_spaces_and_the_event_fields() -> None:
     conn = new_conn()
     conn.receive_data(b"USER alice\r\nPASS  two  spaces \r\n")
     event = conn.next_event()
-    assert event == Authenticate(user="alice", mechanism="user", password=" two  spaces ")
+    assert event == Authenticate(mechanism="user", credentials=Password(user="alice", secret=" two  spaces "))
+    assert isinstance(event, Authenticate) and event.user == "alice"
 
 
 def test_uids_are_checked() -> None:
@@ -449,7 +472,7 @@ def test_server_close_sends_reply_and_stops() -> None:
 
 
 def test_apop_disabled() -> None:
-    conn = POP3Connection(challenge=CHALLENGE, capabilities=CAPABILITIES, apop=False)
+    conn = new_conn(apop=False)
     assert conn.greeting("mail.example") == ok(replies.GREETING_NO_APOP.format(host="mail.example"))
     conn.receive_data(b"APOP alice " + apop_digest(CHALLENGE, PASSWORD).encode() + b"\r\nUSER alice\r\n")
     assert conn.next_event() is NEED_DATA
@@ -470,6 +493,6 @@ def test_pipelining_faster_than_reading_pauses_for_back_pressure() -> None:
 
 
 def test_passwords_stay_out_of_reprs() -> None:
-    event = Authenticate(user="alice", mechanism="user", password="hunter2")
+    event = Authenticate(mechanism="user", credentials=Password(user="alice", secret="hunter2"))
     assert "hunter2" not in repr(event)
     assert "alice" in repr(event)

@@ -13,7 +13,7 @@ import pop3d
 from pop3d import replies
 from pop3d.callbacks import MessageData
 
-from .conftest import MESSAGES, SIZES, TOTAL, connect, logged_in, wait_until
+from .conftest import MESSAGES, SIZES, TEST_NET, TOTAL, connect, logged_in, wait_until
 from .popclient import PopClient
 
 # -- sessions ---------------------------------------------------------------
@@ -135,7 +135,7 @@ async def test_idle_timeout_is_configurable(server: pop3d.Server, autojump_clock
 
 async def test_conn_list_and_state(server: pop3d.Server) -> None:
     assert server.conn_list() == []
-    client = connect(server, ("198.51.100.4", 51000))
+    client = connect(server, ("192.0.2.4", 51000))
     greeting = await client.read_line()
     [conn_id] = server.conn_list()
     state = server.conn_state(conn_id)
@@ -146,7 +146,7 @@ async def test_conn_list_and_state(server: pop3d.Server) -> None:
     state = server.conn_state(conn_id)
     for key in ("remotehost", "remoteport", "server", "id", "state", "name", "logon", "storage", "deleted", "msg"):
         assert key in state
-    assert state["remotehost"] == "198.51.100.4" and state["remoteport"] == 51000
+    assert state["remotehost"] == "192.0.2.4" and state["remoteport"] == 51000
     assert state["server"] == server.name
     assert state["id"].encode() in greeting
     assert (state["state"], state["name"], state["logon"], state["storage"]) == ("trans", "alice", "user", "alice")
@@ -519,7 +519,7 @@ async def test_destroy_defer_lets_the_client_finish(users: pop3d.MemoryUsers, st
 
 async def test_kill_during_deferred_destroy(users: pop3d.MemoryUsers, storage: pop3d.MemoryStorage) -> None:
     server = pop3d.new()
-    server.configure(auth=users, storage=storage)
+    server.configure(auth=users, storage=storage, cleartext_auth_from=TEST_NET)
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             await nursery.start(server.run)
@@ -549,7 +549,7 @@ async def test_destroy_bad_mode(server: pop3d.Server) -> None:
 
 async def test_cancelling_run_is_a_kill(users: pop3d.MemoryUsers, storage: pop3d.MemoryStorage) -> None:
     server = pop3d.new()
-    server.configure(auth=users, storage=storage)
+    server.configure(auth=users, storage=storage, cleartext_auth_from=TEST_NET)
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             await nursery.start(server.run)
@@ -597,7 +597,7 @@ async def test_stats_count_what_happened(server: pop3d.Server) -> None:
 
 async def test_start_destroy_defer_returns_once_exiting(users: pop3d.MemoryUsers, storage: pop3d.MemoryStorage) -> None:
     server = pop3d.new()
-    server.configure(auth=users, storage=storage)
+    server.configure(auth=users, storage=storage, cleartext_auth_from=TEST_NET)
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             await nursery.start(server.run)
