@@ -8,12 +8,12 @@ that at start-up; :class:`BearerToken` checks every request.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import logging
 
 from quart import Quart, Response, request
 
 from pop3d.errors import Pop3dError
+from pop3d.networks import is_loopback
 
 from .errors import error_response
 
@@ -75,19 +75,6 @@ def split_bind(bind: str) -> tuple[str, int]:
     if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
         raise AdminAccessError(f"admin bind must be HOST:PORT (IPv6 as [ADDR]:PORT), not {bind!r}")
     return ("0.0.0.0" if host == "*" else host), int(port_text)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` names this machine only: 127.0.0.0/8, ::1 or ``localhost``."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False  # any other name could resolve anywhere
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback
 
 
 def check_bind(bind: str, *, token: str | None) -> None:

@@ -40,7 +40,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--config", type=Path, metavar="FILE", help="TOML file with settings")
     serve.add_argument(
-        "--listen", action="append", metavar="HOST:PORT", help=f"POP3 address, repeatable (default {DEFAULT_LISTEN})"
+        "--listen",
+        action="append",
+        metavar="HOST:PORT",
+        help=f"POP3 address, repeatable (default {DEFAULT_LISTEN}); none for no plain POP3",
+    )
+    serve.add_argument(
+        "--listen-tls", action="append", metavar="HOST:PORT", help="POP3S address (TLS from the first byte), repeatable"
+    )
+    serve.add_argument("--tls-cert", type=Path, metavar="FILE", help="PEM certificate chain: offers STLS, allows POP3S")
+    serve.add_argument("--tls-key", type=Path, metavar="FILE", help="PEM private key of --tls-cert")
+    serve.add_argument(
+        "--cleartext-auth-from",
+        metavar="CIDRS",
+        help="networks that may send a password before TLS, comma-separated, or none (default loopback)",
     )
     serve.add_argument("--users", type=Path, metavar="FILE", help="Dovecot-style passwd-file")
     serve.add_argument("--mail-root", type=Path, metavar="DIR", help="directory with one Maildir per user")
@@ -86,6 +99,10 @@ def _serve(args: argparse.Namespace) -> None:
         key: value
         for key, value in {
             "listen": args.listen,
+            "listen_tls": args.listen_tls,
+            "tls_cert": args.tls_cert,
+            "tls_key": args.tls_key,
+            "cleartext_auth_from": args.cleartext_auth_from,
             "users": args.users,
             "mail_root": args.mail_root,
             "hostname": args.hostname,

@@ -13,7 +13,7 @@ import ipaddress
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["LOOPBACK", "Network", "address_in", "format_networks", "parse_networks"]
+__all__ = ["LOOPBACK", "Network", "address_in", "format_networks", "is_loopback", "parse_networks"]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -49,16 +49,30 @@ def format_networks(networks: Iterable[Network]) -> str:
     return ",".join(str(network) for network in networks) or "none"
 
 
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address ``host`` is (an IPv4-mapped IPv6 address as IPv4), or None if not an address."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
 def address_in(host: str, networks: Iterable[Network]) -> bool:
     """Whether the client address ``host`` belongs to one of ``networks``.
 
     A host that is not an IP address (a memory stream's ``""``, a Unix
     socket's path) belongs to none: nothing is trusted by accident.
     """
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return any(address.version == network.version and address in network for network in networks)
+    address = _ip(host)
+    return address is not None and any(address.version == net.version and address in net for net in networks)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine only: 127.0.0.0/8, ::1 or ``localhost``."""
+    if host.lower() == "localhost":
+        return True
+    address = _ip(host)
+    return address is not None and address.is_loopback  # any other name could resolve anywhere

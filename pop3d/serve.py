@@ -1,12 +1,13 @@
 """``pop3d serve``: POP3 servers and the admin API in one Trio nursery.
 
 :func:`serve` builds one server object per ``--listen`` address (the first
-is named ``pop3``, the others ``pop3-2``, ``pop3-3``, ...), all sharing one
-passwd-file and one Maildir root, and the admin API beside them.  One
-shutdown trigger stops everything: the first SIGTERM or SIGINT stops
-accepting, gives open sessions ``grace_period`` seconds to finish, then
-closes the rest (their deletions are not applied, so no mail is lost); a
-second signal closes them at once.
+is named ``pop3``, the others ``pop3-2``, ``pop3-3``, ...) and per
+``--listen-tls`` address (``pop3s``, ``pop3s-2``, ...), all sharing one
+passwd-file, one Maildir root and one certificate, and the admin API beside
+them.  One shutdown trigger stops everything: the first SIGTERM or SIGINT
+stops accepting, gives open sessions ``grace_period`` seconds to finish,
+then closes the rest (their deletions are not applied, so no mail is lost);
+a second signal closes them at once.  SIGHUP reloads the certificate.
 """
 
 from __future__ import annotations
@@ -23,10 +24,13 @@ from pathlib import Path
 import trio
 
 from . import server as server_module
+from .errors import OptionError
 from .maildir import MaildirStorage
+from .networks import format_networks, is_loopback
 from .passwd import PasswdFile
 from .server import Server
-from .settings import ServeSettings
+from .settings import ServeSettings, SettingsError
+from .tls import TLSError
 
 __all__ = ["Running", "demo_data_dir", "serve"]
 
@@ -84,29 +88,31 @@ async def serve(
         log.info("serving the demo data in %s (user demo, password demo)", demo)
     auth = PasswdFile(users)
     storage = MaildirStorage(mail_root)
+    common: dict[str, object] = {
+        "auth": auth,
+        "storage": storage,
+        "idle_timeout": settings.idle_timeout,
+        "apop": settings.apop,
+        "tls_cert": settings.tls_cert,
+        "tls_key": settings.tls_key,
+        "cleartext_auth_from": settings.cleartext_auth_from,
+    }
+    if settings.hostname:
+        common["hostname"] = settings.hostname
 
     servers: list[Server] = []
-    for number, address in enumerate(settings.listen, start=1):
-        srv = server_module.new("pop3" if number == 1 else f"pop3-{number}")
-        options: dict[str, object] = {
-            "host": address.host,
-            "port": address.port,
-            "auth": auth,
-            "storage": storage,
-            "idle_timeout": settings.idle_timeout,
-            "apop": settings.apop,
-        }
-        if settings.hostname:
-            options["hostname"] = settings.hostname
-        srv.configure(**options)
-        servers.append(srv)
-
     shutdown = trio.Event()
     force = trio.Event()
     try:
+        for kind, addresses in (("pop3", settings.listen), ("pop3s", settings.listen_tls)):
+            for number, address in enumerate(addresses, start=1):
+                srv = server_module.new(kind if number == 1 else f"{kind}-{number}")
+                servers.append(srv)
+                _configure(srv, host=address.host, port=address.port, implicit_tls=kind == "pop3s", **common)
+        _warn_if_no_login_possible(settings)
         async with trio.open_nursery() as nursery:
             if handle_signals:
-                nursery.start_soon(_watch_signals, shutdown.set, force.set)
+                nursery.start_soon(_watch_signals, shutdown.set, force.set, lambda: _reload_tls(servers))
             for srv in servers:
                 await nursery.start(srv.run)
                 await srv.up()
@@ -131,6 +137,38 @@ async def serve(
             with trio.CancelScope(shield=True):
                 await srv.destroy("kill")
     log.info("stopped")
+
+
+def _configure(srv: Server, **options: object) -> None:
+    """Configure ``srv``; a bad option is a one-line error named as ``pop3d serve`` names it."""
+    try:
+        srv.configure(**options)
+    except OptionError as exc:
+        raise SettingsError("; ".join(f"{name.replace('_', '-')}: {message}" for name, message in exc.errors)) from None
+
+
+def _warn_if_no_login_possible(settings: ServeSettings) -> None:
+    if settings.tls_cert is not None:
+        return
+    exposed = [str(address) for address in settings.listen if address.host is None or not is_loopback(address.host)]
+    if exposed:
+        log.warning(
+            "no TLS certificate: on %s, only clients from %s can log in (give tls-cert and tls-key)",
+            ", ".join(exposed),
+            format_networks(settings.cleartext_auth_from),
+        )
+
+
+def _reload_tls(servers: list[Server]) -> None:
+    """SIGHUP: every server reads its certificate again; a bad one leaves the old in use."""
+    alive = [srv for srv in servers if not srv.destroyed]
+    if not any(srv.options.tls_cert for srv in alive):
+        log.info("no TLS certificate to reload")
+    for srv in alive:
+        try:
+            srv.reload_tls()
+        except TLSError as exc:
+            log.error("server %s keeps its old certificate: %s", srv.name, exc)
 
 
 async def _serve_admin(
@@ -174,10 +212,15 @@ async def _shut_down(servers: list[Server], grace: float, force: trio.Event) -> 
         await srv.destroy("kill")
 
 
-async def _watch_signals(first: Callable[[], None], second: Callable[[], None]) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+async def _watch_signals(first: Callable[[], None], second: Callable[[], None], reload: Callable[[], None]) -> None:
+    # SIGHUP is caught too: its default would end the process.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         count = 0
         async for signum in signals:
+            if signum == signal.SIGHUP:
+                log.info("got SIGHUP: reloading the TLS certificate")
+                reload()
+                continue
             count += 1
             log.info("got %s%s", signal.Signals(signum).name, "" if count == 1 else ": closing sessions now")
             (first if count == 1 else second)()

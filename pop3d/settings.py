@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import pydantic
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -24,6 +24,8 @@ from pydantic_settings import (
 )
 
 from .errors import Pop3dError
+from .networks import LOOPBACK
+from .options import Networks
 
 __all__ = ["DEFAULT_ADMIN", "DEFAULT_LISTEN", "Address", "ServeSettings", "SettingsError", "load_settings"]
 
@@ -70,6 +72,8 @@ def _addresses(value: Any) -> Any:
     if isinstance(value, str):
         value = [part for part in value.split(",") if part.strip()]
     if isinstance(value, list | tuple):
+        if [str(item).strip().lower() for item in value] == ["none"]:
+            return []  # no plain POP3 listener (POP3S only)
         return [_address(item) for item in value]
     return value
 
@@ -84,7 +88,15 @@ class ServeSettings(BaseSettings):
 
     listen: Annotated[list[Address], NoDecode] = Field(
         default_factory=lambda: [Address.parse(DEFAULT_LISTEN)],
-        description="Addresses for POP3 (HOST:PORT, comma-separated in the environment).",
+        description="Addresses for POP3 (HOST:PORT, comma-separated in the environment; none for no plain POP3).",
+    )
+    listen_tls: Annotated[list[Address], NoDecode] = Field(
+        default_factory=list, description="Addresses for POP3S, TLS from the first byte (RFC 8314)."
+    )
+    tls_cert: Path | None = Field(None, description="PEM certificate chain, for STLS and POP3S.")
+    tls_key: Path | None = Field(None, description="PEM private key of the certificate (may be the same file).")
+    cleartext_auth_from: Annotated[Networks, NoDecode] = Field(
+        LOOPBACK, description="Networks that may send a password before TLS (CIDRs, comma-separated, or none)."
     )
     users: Path | None = Field(None, description="Dovecot-style passwd-file; default: the demo data.")
     mail_root: Path | None = Field(None, description="Directory of Maildirs, one per user; default: the demo data.")
@@ -104,10 +116,10 @@ class ServeSettings(BaseSettings):
     admin_token_file: Path | None = Field(None, description="File holding the admin API's bearer token.")
     log_level: str = Field("info", pattern="^(?i:debug|info|warning|error)$", description="Log level.")
 
-    _listen_parse = field_validator("listen", mode="before")(lambda cls, v: _addresses(v))
+    _listen_parse = field_validator("listen", "listen_tls", mode="before")(lambda cls, v: _addresses(v))
     _admin_parse = field_validator("admin", mode="before")(lambda cls, v: _address(v))
 
-    @field_validator("users", "admin_token_file")
+    @field_validator("users", "admin_token_file", "tls_cert", "tls_key")
     @classmethod
     def _file_exists(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_file():
@@ -121,12 +133,16 @@ class ServeSettings(BaseSettings):
             raise ValueError(f"no such directory: {value}")
         return value
 
-    @field_validator("listen")
-    @classmethod
-    def _some_listen(cls, value: list[Address]) -> list[Address]:
-        if not value:
-            raise ValueError("give at least one HOST:PORT")
-        return value
+    @model_validator(mode="after")
+    def _complete(self) -> ServeSettings:
+        # Errors about two settings: the message names them (see load_settings).
+        if not self.listen and not self.listen_tls:
+            raise ValueError("listen: give at least one HOST:PORT in listen or listen-tls")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls-cert and tls-key go together")
+        if self.listen_tls and self.tls_cert is None:
+            raise ValueError("listen-tls: needs tls-cert and tls-key")
+        return self
 
     def token(self) -> str | None:
         """The admin token, from the setting or the token file (stripped).
@@ -194,10 +210,12 @@ def load_settings(cli: dict[str, Any], config: Path | None = None) -> ServeSetti
         raise SettingsError(f"config {config}: not valid TOML: {exc}") from None
     except pydantic.ValidationError as exc:
         first = exc.errors()[0]
-        name = ".".join(str(part) for part in first["loc"] if not isinstance(part, int)) or "settings"
+        name = ".".join(str(part) for part in first["loc"] if not isinstance(part, int))
         message = "unknown setting" if first["type"] == "extra_forbidden" else first["msg"]
         message = message.removeprefix("Value error, ")
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise SettingsError(f"{name.replace('_', '-')}: {message}{more}") from None
+        # A check across settings has no single name; its message names them.
+        prefix = f"{name.replace('_', '-')}: " if name else ""
+        raise SettingsError(f"{prefix}{message}{more}") from None
     finally:
         _toml_path.reset(token)

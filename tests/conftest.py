@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+import trustme
 
 import pop3d
 from pop3d.message import canonical_size
 
+from .certs import Certs, issue
 from .popclient import PopClient
 from .serve_process import make_site
 
@@ -33,6 +35,18 @@ TOTAL = sum(SIZES)
 def site(tmp_path: Path) -> Path:
     """A passwd-file and Maildirs on disk, for ``pop3d serve`` (see ``serve_process.make_site``)."""
     return make_site(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def tls_ca() -> trustme.CA:
+    """One throw-away certificate authority for the whole run."""
+    return trustme.CA()
+
+
+@pytest.fixture
+def certs(tls_ca: trustme.CA, tmp_path: Path) -> Certs:
+    """A server certificate and key in PEM files, signed by ``tls_ca``."""
+    return issue(tls_ca, tmp_path)
 
 
 @pytest.fixture
