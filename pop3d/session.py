@@ -219,7 +219,7 @@ class Session:
             with trio.CancelScope(shield=True):
                 await self._release_lock()
                 try:
-                    await trio.aclose_forcefully(self.stream)
+                    await self._close_stream()
                 except Exception:
                     log.exception("session %s: closing the stream failed", self.conn_id)
             self.finished.set()
@@ -236,6 +236,18 @@ class Session:
                 self.bytes_sent,
                 time.monotonic() - began,
             )
+
+    async def _close_stream(self) -> None:
+        # Over TLS, aclose() sends close_notify, so that the client can tell the
+        # end of the session from a cut connection; it does not wait for an answer.
+        if self.tls is not None:
+            with trio.move_on_after(CLOSING_SEND_TIMEOUT):
+                try:
+                    await self.stream.aclose()
+                    return
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+        await trio.aclose_forcefully(self.stream)
 
     async def _serve(self) -> None:
         if self.protocol.encrypted:

@@ -9,6 +9,7 @@ one test that runs Hypercorn and curl.  Every wait is bounded.
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import logging
@@ -27,6 +28,7 @@ from quart.typing import TestClientProtocol as Client  # not Test*: pytest would
 import pop3d
 from admin import AdminAccessError, check_bind, create_app, not_listening, serve_admin
 
+from .certs import Certs
 from .popclient import PopClient
 
 MESSAGES = [b"Subject: one\n\nfirst\n", b"Subject: two\n\nsecond\n"]
@@ -245,6 +247,12 @@ async def test_patch_config(client: Client, server: pop3d.Server) -> None:
         ({"idle_timeout": 30, "auth": "x"}, "auth", "cannot be set over the admin API"),
         ({"idle_timeout": 30, "storage": None}, "storage", "cannot be set over the admin API"),
         ({"idle_timeout": 30, "state": "up"}, "state", "cannot be set over the admin API"),
+        ({"idle_timeout": 30, "ssl_context": None}, "ssl_context", "cannot be set over the admin API"),
+        ({"idle_timeout": 30, "cleartext_auth_from": ["10.0.0.1/8"]}, "cleartext_auth_from", "has host bits set"),
+        ({"idle_timeout": 30, "cleartext_auth_from": "nowhere"}, "cleartext_auth_from", "IPv4 or IPv6 network"),
+        ({"idle_timeout": 30, "implicit_tls": True}, "implicit_tls", "needs tls_cert and tls_key"),
+        ({"idle_timeout": 30, "tls_cert": "/etc/hostname"}, "tls_key", "go together"),
+        ({"tls_cert": "/nonexistent.pem", "tls_key": "/nonexistent.key"}, "tls_cert", "cannot read the certificate"),
         ([1, 2], "body", "valid dictionary"),
     ],
 )
@@ -255,6 +263,16 @@ async def test_patch_config_refused(client: Client, server: pop3d.Server, body: 
     assert message in fields_of(error)[field]
     assert field in error["detail"]
     assert server.configure() == before  # nothing half-applied
+
+
+async def test_patch_cleartext_networks(client: Client, server: pop3d.Server) -> None:
+    path = f"/servers/{server.name}/config"
+    response = await client.patch(path, json={"cleartext_auth_from": ["10.0.0.0/8", "2001:db8::/32"]})
+    assert response.status_code == 200, await response.get_data(as_text=True)
+    assert (await response.get_json())["cleartext_auth_from"] == ["10.0.0.0/8", "2001:db8::/32"]
+    response = await client.patch(path, json={"cleartext_auth_from": "none"})
+    assert (await response.get_json())["cleartext_auth_from"] == []
+    assert server.cget("cleartext_auth_from") == ()
 
 
 async def test_patch_config_not_json(client: Client, server: pop3d.Server) -> None:
@@ -396,11 +414,39 @@ async def test_connections_list_and_state(client: Client, server: pop3d.Server) 
     assert (state["deleted"], state["msg"]) == ([2], 2)
     assert state["server"] == server.name
     assert datetime.fromisoformat(state["started"]).tzinfo is not None
+    assert (conn["tls"], state["tls"], state["tls_version"], state["tls_cipher"]) == (False, False, None, None)
     assert PASSWORD not in json.dumps(state)
 
     await assert_error(await client.get(f"{base}/conn999"), 404, "not_found")
     await assert_error(await client.delete(f"{base}/conn999"), 404, "not_found")
     await pop.command("QUIT")
+
+
+async def test_connection_over_tls(client: Client, server: pop3d.Server, certs: Certs) -> None:
+    server.configure(tls_cert=certs.cert, tls_key=certs.key, implicit_tls=True)
+    stream = trio.SSLStream(
+        await trio.open_tcp_stream("127.0.0.1", server.cget("port")),
+        certs.client_context(),
+        server_hostname="localhost",
+    )
+    pop = PopClient(stream)
+    assert (await pop.read_line()).startswith(b"+OK")
+    response = base64.b64encode(b"\0alice\0" + PASSWORD.encode()).decode()
+    assert (await pop.command(f"AUTH PLAIN {response}")).startswith(b"+OK")
+    base = f"/servers/{server.name}/connections"
+    [conn] = (await get_json(client, base))["connections"]
+    assert conn["tls"] is True
+    state = await get_json(client, f"{base}/{conn['id']}")
+    assert state["tls"] is True and state["tls_version"] == stream.version()
+    assert state["tls_cipher"] == stream.cipher()[0]  # type: ignore[index]
+    assert state["logon"] == "plain"
+    config = await get_json(client, f"/servers/{server.name}/config")
+    assert (config["tls_cert"], config["tls_key"], config["implicit_tls"]) == (str(certs.cert), str(certs.key), True)
+    await pop.command("QUIT")
+    await wait_until(lambda: not server.conn_list())
+    text = await (await client.get("/metrics")).get_data(as_text=True)
+    assert samples(text, server.name)[("pop3d_sessions_ended_total", (("tls", "true"),))] == 1
+    assert samples(text, server.name)[("pop3d_logins_total", (("mechanism", "plain"), ("result", "ok")))] == 1
 
 
 async def test_kick_connection(client: Client, server: pop3d.Server, storage: pop3d.MemoryStorage) -> None:

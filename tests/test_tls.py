@@ -144,13 +144,17 @@ async def test_ipv4_mapped_peer_counts_as_ipv4(tls_server: pop3d.Server) -> None
 
 async def test_pop3s_session(tls_server: pop3d.Server, certs: Certs) -> None:
     tls_server.configure(implicit_tls=True)
-    client = PopClient(await starttls(open_stream(tls_server), certs))
+    tls = await starttls(open_stream(tls_server), certs)
+    client = PopClient(tls)
     assert (await client.read_line()).startswith(b"+OK POP3 server test.example ready")
     caps = await capa(client)
     assert "STLS" not in caps and "USER" in caps
     assert await client.command("STLS") == replies.err(replies.STLS_ACTIVE)
     assert (await client.login("alice", "wonderland")).startswith(b"+OK")
     assert await client.command("STAT") == b"+OK 3 %d\r\n" % TOTAL
+    assert (await client.command("QUIT")).startswith(b"+OK")
+    # The server ends TLS with close_notify: a clean end, not a cut (which would raise).
+    assert await tls.receive_some(100) == b""
 
 
 async def test_failed_handshake_ends_only_that_connection(
