@@ -22,7 +22,7 @@ import trustme
 
 from .certs import Certs, issue
 from .serve_process import SECOND, WELCOME, ServeProcess, mail_files, pop3d_cli, serve_args
-from .test_clients import assert_fetched, delivered, run
+from .test_clients import assert_fetched, delivered, fetch_with_mpop, run
 
 CURL = shutil.which("curl")
 needs_curl = pytest.mark.skipif(CURL is None, reason="curl is not installed (.ci/run installs it)")
@@ -112,29 +112,13 @@ def test_fetchmail_upgrades_with_stls(proc: ServeProcess, certs: Certs, site: Pa
 @pytest.mark.skipif(shutil.which("mpop") is None, reason="mpop is not installed")
 @pytest.mark.parametrize("mode", ["stls", "pop3s"])
 def test_mpop(proc: ServeProcess, certs: Certs, site: Path, tmp_path: Path, mode: str) -> None:
-    out = tmp_path / "mpop-out"
-    for sub in ("cur", "new", "tmp"):
-        (out / sub).mkdir(parents=True)
     # TLS on, everything else as mpop has it: STARTTLS, certificate check, --auth=auto.
-    args = ["--tls=on", f"--tls-trust-file={certs.ca_file}"]
+    options = ["--tls=on", f"--tls-trust-file={certs.ca_file}"]
+    port = proc.port
     if mode == "pop3s":
-        args += ["--tls-starttls=off", f"--port={pop3s_port(proc)}"]
-    else:
-        args += [f"--port={proc.port}"]
-    run(
-        [
-            "mpop",
-            "--host=localhost",
-            "--user=alice",
-            "--passwordeval=echo wonderland",
-            *args,
-            f"--delivery=maildir,{out}",
-            "--keep=off",
-            f"--uidls-file={tmp_path / 'uidls'}",
-        ],
-        env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
-    )
-    assert_fetched(delivered(out))
+        options.append("--tls-starttls=off")
+        port = pop3s_port(proc)
+    assert_fetched(fetch_with_mpop(tmp_path, "localhost", port, *options))
     assert mail_files(site) == []
 
 
