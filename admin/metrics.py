@@ -11,6 +11,7 @@ many apps.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from itertools import product
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -18,9 +19,13 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 
 import pop3d
+from pop3d.sasl import MECHANISMS
 from pop3d.server import Server
 
-__all__ = ["ServerCollector", "new_registry", "render"]
+__all__ = ["LOGIN_MECHANISMS", "ServerCollector", "new_registry", "render"]
+
+#: The ``mechanism`` label's values: USER/PASS, APOP and each SASL mechanism.
+LOGIN_MECHANISMS = ("user", "apop", *(mechanism.name.lower() for mechanism in MECHANISMS))
 
 
 class ServerCollector:
@@ -47,8 +52,9 @@ class ServerCollector:
             for tls in (True, False):
                 ended.add_metric([name, "true" if tls else "false"], stats.sessions_ended[tls])
             tls_failures.add_metric([name], stats.tls_failures)
-            for (mechanism, result), count in sorted(stats.logins.items()):
-                logins.add_metric([name, mechanism, result], count)
+            # Every known mechanism from the start, so that a dashboard sees 0, not no series.
+            for mechanism, result in sorted({*product(LOGIN_MECHANISMS, ("ok", "failed")), *stats.logins}):
+                logins.add_metric([name, mechanism, result], stats.logins[mechanism, result])
             for command, count in sorted(stats.commands.items()):
                 commands.add_metric([name, command], count)
             retrieved.add_metric([name], stats.messages_retrieved)

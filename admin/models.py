@@ -39,8 +39,9 @@ __all__ = [
 ]
 
 # Callbacks hold credentials and file handles, a TLS context holds a key: the
-# API shows them, never sets them.
-NOT_SETTABLE = ("auth", "storage", "ssl_context", *READ_ONLY)
+# API shows them, never sets them.  Nor does it point the server at files
+# (which would let it probe any file the server can read).
+NOT_SETTABLE = ("auth", "storage", "ssl_context", "tls_cert", "tls_key", *READ_ONLY)
 
 # Flask's JSON encoder would write datetimes as RFC 822 dates; the API promises ISO 8601.
 IsoDatetime = Annotated[

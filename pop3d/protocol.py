@@ -19,6 +19,8 @@ event                     the caller answers with
                           :meth:`~POP3Connection.tls_started`
 :class:`Authenticate`     :meth:`~POP3Connection.login_succeeded` or
                           :meth:`~POP3Connection.login_failed`
+:class:`LoginRejected`    :meth:`~POP3Connection.login_failed`, after the
+                          same delay as for a wrong password
 :class:`Retrieve`         :meth:`~POP3Connection.start_message`, then the
                           returned :class:`~pop3d.message.MessageWriter`
 :class:`ListUids`         :meth:`~POP3Connection.send_uids`
@@ -57,6 +59,7 @@ __all__ = [
     "Event",
     "ListUids",
     "LoginFailure",
+    "LoginRejected",
     "POP3Connection",
     "Retrieve",
     "StartTLS",
@@ -69,6 +72,12 @@ __all__ = [
 DEFAULT_MAX_LINE = 1024
 DEFAULT_MAX_AUTH_FAILURES = 3
 MAX_NUMBER_DIGITS = 10
+# RFC 5034 puts no limit on an AUTH response line; this one holds any PLAIN
+# message with a long user name and password, whatever the command-line limit.
+MAX_SASL_LINE = 8192
+# Commands that carry a password, or lead to one (USER): refused before TLS
+# unless the client may send a password in clear.
+_SENDS_PASSWORD = frozenset({"USER", "PASS", "APOP"})
 
 
 class State(enum.Enum):
@@ -130,6 +139,19 @@ class Authenticate(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class LoginRejected(Event):
+    """An AUTH exchange the engine rejected itself (not base64, a malformed message).
+
+    A failed login like a wrong password: the caller counts and logs it,
+    waits as it would for a wrong password, then calls
+    :meth:`POP3Connection.login_failed` (which sends ``reason``).
+    """
+
+    mechanism: str
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class Retrieve(Event):
     """RETR (``body_lines is None``) or TOP of a message that exists and is not deleted."""
 
@@ -183,6 +205,17 @@ def _number(text: str, *, minimum: int) -> int:
     return value
 
 
+def _base64(text: str) -> bytes:
+    """A SASL response decoded; ``=`` (and an empty line) is the empty response (RFC 5034)."""
+    text = text.strip()
+    if text == "=":
+        return b""
+    try:
+        return base64.b64decode(text.encode("ascii"), validate=True)
+    except UnicodeEncodeError:
+        raise binascii.Error("not ASCII") from None
+
+
 def _printable(text: str, limit: int = 40) -> str:
     """A client's word made safe to echo back in a reply."""
     cleaned = "".join(c if "\x21" <= c <= "\x7e" else "?" for c in text[:limit])
@@ -219,7 +252,7 @@ class POP3Connection:
         apop: bool = True,
         encrypted: bool = False,
         tls_available: bool = False,
-        cleartext_allowed: bool = True,
+        cleartext_allowed: bool = False,
         mechanisms: Sequence[type[Mechanism]] = MECHANISMS,
     ) -> None:
         self.challenge = challenge
@@ -234,6 +267,7 @@ class POP3Connection:
         self.cleartext_allowed = cleartext_allowed
         self._mechanisms = {mechanism.name.upper(): mechanism for mechanism in mechanisms}
         self._sasl: Mechanism | None = None  # the AUTH exchange in progress
+        self._rejection: str | None = None  # the reply to a pending LoginRejected
         self.state = State.AUTHORIZATION
         #: The login mechanism the client chose: ``""``, ``"user"``, ``"apop"``
         #: or a SASL mechanism in lower case.
@@ -285,7 +319,13 @@ class POP3Connection:
         return replies.ok(replies.GREETING.format(host=host, challenge=self.challenge))
 
     def receive_data(self, data: bytes | bytearray) -> None:
-        """Feed bytes received from the client (``b""`` is ignored)."""
+        """Feed bytes received from the client (``b""`` is ignored).
+
+        Not while a :class:`StartTLS` is pending: bytes from before the
+        handshake must never be taken for commands (``RuntimeError``).
+        """
+        if self._awaiting is StartTLS:
+            raise RuntimeError("bytes received before the TLS handshake are not commands: answer StartTLS first")
         if self.state is State.CLOSED:
             return  # nothing after QUIT is executed
         if self._start:
@@ -331,7 +371,7 @@ class POP3Connection:
             if end < 0:
                 if self._discarding:
                     self._drop_partial_line()
-                elif len(self._buffer) - self._start > self.max_line:
+                elif len(self._buffer) - self._start > self._line_limit():
                     self._drop_partial_line()
                     self._discarding = True
                     self._line_too_long()
@@ -344,7 +384,7 @@ class POP3Connection:
             if self._discarding:
                 self._discarding = False
                 continue
-            if length > self.max_line:
+            if length > self._line_limit():
                 self._line_too_long()
                 continue
             if raw.endswith(b"\r"):
@@ -355,9 +395,13 @@ class POP3Connection:
         self._buffer.clear()
         self._start = self._scanned = 0
 
+    def _line_limit(self) -> int:
+        return max(self.max_line, MAX_SASL_LINE) if self._sasl is not None else self.max_line
+
     def _line_too_long(self) -> None:
+        limit = self._line_limit()
         self._sasl = None  # the -ERR ends an AUTH exchange, too
-        self._reply(replies.err(replies.LINE_TOO_LONG.format(limit=self.max_line)))
+        self._reply(replies.err(replies.LINE_TOO_LONG.format(limit=limit)))
 
     def _dispatch(self, line: str) -> Event | None:
         if self._sasl is not None:
@@ -376,6 +420,8 @@ class POP3Connection:
                 text = replies.ALREADY_AUTHENTICATED
             self._reply(replies.err(text))
             return None
+        if keyword in _SENDS_PASSWORD and self._refuse_cleartext():
+            return None  # before the arguments are even looked at
         try:
             return handler(rest.split(), rest)
         except _BadArguments:
@@ -385,12 +431,10 @@ class POP3Connection:
     def _reply(self, data: bytes) -> None:
         self._outgoing += data
 
-    def _answered(self, event_type: type[Event]) -> None:
-        if self._awaiting is not event_type:
-            raise RuntimeError(f"no pending {event_type.__name__} to answer")
+    def _answered(self, *event_types: type[Event]) -> None:
+        if self._awaiting not in event_types:
+            raise RuntimeError(f"no pending {' or '.join(t.__name__ for t in event_types)} to answer")
         self._awaiting = None
-
-    # -- AUTHORIZATION --------------------------------------------------
 
     # -- cleartext and TLS ------------------------------------------------
 
@@ -430,6 +474,8 @@ class POP3Connection:
         forgotten (RFC 2595 section 4); failed logins still count.
         """
         self._answered(StartTLS)
+        self._drop_partial_line()  # nothing from before the handshake, whoever fed it
+        self._discarding = False
         self.encrypted = True
         self.user = ""
         self.mechanism = ""
@@ -442,8 +488,7 @@ class POP3Connection:
     def _auth(self, args: list[str], rest: str) -> Event | None:
         if not args:
             # Not in RFC 5034, but Outlook sends a bare AUTH to list the mechanisms.
-            names = "".join(name + "\r\n" for name in self._offered_mechanisms())
-            self._reply(replies.ok(replies.AUTH_MECHANISMS) + names.encode() + b".\r\n")
+            self._reply(replies.multiline(replies.AUTH_MECHANISMS, self._offered_mechanisms()))
             return None
         if len(args) > 2:
             raise _BadArguments
@@ -453,54 +498,46 @@ class POP3Connection:
             return None
         if mechanism.sends_password and self._refuse_cleartext():
             return None  # before the initial response is even decoded
-        initial: bytes | None = None
-        if len(args) == 2:
-            initial = b"" if args[1] == "=" else self._decode_response(args[1])
-            if initial is None:
-                return None
         if self.mechanism == "user":
             self.user = ""  # a USER without its PASS is abandoned
-        self.mechanism = mechanism.name.lower()
         self._sasl = mechanism()
-        return self._sasl_step(initial)
+        return self._sasl_step(args[1] if len(args) == 2 else None)
 
     def _sasl_response(self, line: str) -> Event | None:
         if line.strip() == "*":
             self._sasl = None
             self._reply(replies.err(replies.AUTH_CANCELLED))
             return None
-        data = self._decode_response(line)
-        return None if data is None else self._sasl_step(data)
+        return self._sasl_step(line)
 
-    def _decode_response(self, text: str) -> bytes | None:
-        """A base64 response decoded; None (exchange over, failure counted) if it is not base64."""
+    def _sasl_step(self, text: str | None) -> Event | None:
+        """Feed the client's response (base64; None: no initial response) to the exchange."""
+        mechanism = self._sasl
+        assert mechanism is not None
         try:
-            return base64.b64decode(text.strip().encode("ascii"), validate=True)
-        except (UnicodeEncodeError, binascii.Error):
-            self._sasl = None
-            self._auth_failure(replies.AUTH_BAD_BASE64)
-            return None
-
-    def _sasl_step(self, response: bytes | None) -> Event | None:
-        assert self._sasl is not None
-        try:
-            result = self._sasl.step(response)
+            result = mechanism.step(None if text is None else _base64(text))
+        except binascii.Error:
+            return self._reject(mechanism, replies.AUTH_BAD_BASE64)
         except SaslError as exc:
-            self._sasl = None
-            self._auth_failure(replies.AUTH_REJECTED.format(reason=exc))
-            return None
+            return self._reject(mechanism, replies.AUTH_REJECTED.format(reason=exc))
         if isinstance(result, Challenge):
             self._reply(replies.challenge(base64.b64encode(result.data).decode("ascii")))
             return None
         self._sasl = None
+        # The mechanism counts as chosen once it has credentials, so that a
+        # cancelled AUTH does not lift the USER/APOP rule.
+        self.mechanism = mechanism.name.lower()
         self.user = result.user
         return Authenticate(mechanism=self.mechanism, credentials=result)
+
+    def _reject(self, mechanism: Mechanism, text: str) -> LoginRejected:
+        self._sasl = None
+        self._rejection = text
+        return LoginRejected(mechanism=mechanism.name.lower(), reason=text)
 
     # -- USER, PASS, APOP -----------------------------------------------
 
     def _user(self, args: list[str], rest: str) -> None:
-        if self._refuse_cleartext():
-            return
         if len(args) != 1:
             raise _BadArguments
         if self.mechanism == "apop":
@@ -511,8 +548,6 @@ class POP3Connection:
         self._reply(replies.ok(replies.USER_ACCEPTED))
 
     def _pass(self, args: list[str], rest: str) -> Event | None:
-        if self._refuse_cleartext():
-            return None
         # The password is the rest of the line: it may hold spaces (RFC 1939 section 7).
         if not rest:
             raise _BadArguments
@@ -522,8 +557,6 @@ class POP3Connection:
         return Authenticate(mechanism="user", credentials=Password(user=self.user, secret=rest))
 
     def _apop(self, args: list[str], rest: str) -> Event | None:
-        if self._refuse_cleartext():
-            return None
         if len(args) != 2:
             raise _BadArguments
         if not self.apop:
@@ -546,20 +579,25 @@ class POP3Connection:
         self._reply(replies.ok(replies.LOGGED_IN.format(count=len(self.sizes), octets=sum(self.sizes))))
 
     def login_failed(self, reason: LoginFailure) -> None:
-        """The login failed; the session stays in AUTHORIZATION (or ends, after too many)."""
-        self._answered(Authenticate)
+        """The login failed; the session stays in AUTHORIZATION (or ends, after too many).
+
+        Answers :class:`Authenticate` and :class:`LoginRejected` alike; a
+        rejected exchange gets its own reason as the reply.
+        """
+        self._answered(Authenticate, LoginRejected)
+        rejection, self._rejection = self._rejection, None
         self._forget_user()
         if reason is not LoginFailure.BAD_CREDENTIALS:
             self._reply(replies.err(reason.value))
             return
-        self._auth_failure(reason.value)
+        self._auth_failure(rejection or reason.value)
 
     def _forget_user(self) -> None:
         if self.mechanism != "apop":
             self.user = ""  # a new USER (or AUTH) is needed (RFC 1939 section 7)
 
     def _auth_failure(self, text: str) -> None:
-        """A failed login (bad credentials, or a broken AUTH exchange): ``-ERR text``, or the end."""
+        """A failed login: ``-ERR text``, or the end of the session after too many."""
         self.auth_failures += 1
         if self.auth_failures >= self.max_auth_failures:
             self._reply(replies.err(replies.AUTH_TOO_MANY))
@@ -684,8 +722,7 @@ class POP3Connection:
     def _capa(self, args: list[str], rest: str) -> None:
         if args:
             raise _BadArguments
-        body = "".join(line + "\r\n" for line in self.capabilities())
-        self._reply(replies.ok(replies.CAPA) + body.encode() + b".\r\n")
+        self._reply(replies.multiline(replies.CAPA, self.capabilities()))
 
     def capabilities(self) -> list[str]:
         """The CAPA lines now (RFC 2449).  They change with TLS (RFC 2595 section 4).
@@ -735,7 +772,8 @@ class POP3Connection:
             self.update_finished(False)
             return
         self._answered(type(event))
-        if isinstance(event, Authenticate):
+        self._rejection = None
+        if isinstance(event, Authenticate | LoginRejected):
             self._forget_user()
         self._reply(replies.err(replies.SYS_TEMP))
 

@@ -8,6 +8,8 @@ RFC 3206) are part of the text, in square brackets right after ``-ERR``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 # Greeting; ``challenge`` is the APOP timestamp ``<...@host>`` (RFC 1939 section 7).
 GREETING = "POP3 server {host} ready {challenge}"
 GREETING_NO_APOP = "POP3 server {host} ready"
@@ -45,6 +47,9 @@ SASL_OTHER_USER = "logging in as another user is not supported"
 SASL_NOT_UTF8 = "the {what} is not UTF-8"
 SASL_EMPTY = "the {what} is empty"
 SASL_ONE_MESSAGE = "{mechanism} takes one message"
+# LOGIN's challenges (before base64).
+SASL_LOGIN_USER = "Username:"
+SASL_LOGIN_PASSWORD = "Password:"
 ALREADY_AUTHENTICATED = "client already authenticated"
 
 # TRANSACTION state.
@@ -102,6 +107,11 @@ USAGE = {
 def ok(text: str = "") -> bytes:
     """A single-line positive reply, ready for the wire."""
     return b"+OK " + text.encode() + b"\r\n" if text else b"+OK\r\n"
+
+
+def multiline(text: str, lines: Iterable[str]) -> bytes:
+    """A positive reply with ``lines`` after it and the final ``.`` (lines must not start with ".")."""
+    return ok(text) + "".join(line + "\r\n" for line in lines).encode() + b".\r\n"
 
 
 def challenge(data: str) -> bytes:

@@ -110,9 +110,9 @@ class Login(Mechanism):
                 if self._asked:
                     raise SaslError(replies.SASL_EMPTY.format(what="user name"))
                 self._asked = True
-                return Challenge(b"Username:")
+                return Challenge(replies.SASL_LOGIN_USER.encode())
             self._user = _text(response, "user name")
-            return Challenge(b"Password:")
+            return Challenge(replies.SASL_LOGIN_PASSWORD.encode())
         if response is None:
             raise SaslError(replies.SASL_EMPTY.format(what="password"))
         return Password(user=self._user, secret=_text(response, "password"))

@@ -74,6 +74,9 @@ async def serve(
     task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run POP3 servers (and the admin API) until the shutdown trigger fires."""
+    if handle_signals:
+        # Until the signal watcher runs, a SIGHUP (a renewal hook, say) must not end the process.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     token = settings.token()
     admin_bind = None if settings.no_admin or settings.admin is None else str(settings.admin)
     if admin_bind is not None:
@@ -160,15 +163,12 @@ def _warn_if_no_login_possible(settings: ServeSettings) -> None:
 
 
 def _reload_tls(servers: list[Server]) -> None:
-    """SIGHUP: every server reads its certificate again; a bad one leaves the old in use."""
-    alive = [srv for srv in servers if not srv.destroyed]
-    if not any(srv.options.tls_cert for srv in alive):
-        log.info("no TLS certificate to reload")
-    for srv in alive:
-        try:
-            srv.reload_tls()
-        except TLSError as exc:
-            log.error("server %s keeps its old certificate: %s", srv.name, exc)
+    """SIGHUP: the servers read their certificate again; a bad one leaves the old in use."""
+    try:
+        if not server_module.reload_tls(servers):
+            log.info("no TLS certificate to reload")
+    except TLSError as exc:
+        log.error("keeping the old certificate: %s", exc)
 
 
 async def _serve_admin(

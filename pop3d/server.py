@@ -21,7 +21,8 @@ import itertools
 import logging
 import ssl
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import trio
@@ -34,7 +35,7 @@ from .session import Session, SessionSettings
 from .stats import ServerStats
 from .tls import TLSError, server_context
 
-__all__ = ["IMPLEMENTATION", "Server", "get", "new", "servers"]
+__all__ = ["IMPLEMENTATION", "Server", "get", "new", "reload_tls", "servers"]
 
 log = logging.getLogger("pop3d.server")
 
@@ -165,12 +166,7 @@ class Server:
         files cannot be used.
         """
         self._check_alive()
-        options = self._options
-        if options.tls_cert is None:
-            return False
-        self._tls_context = _tls_context_of(options)
-        log.info("server %s loaded the certificate %s", self.name, options.tls_cert)
-        return True
+        return bool(reload_tls([self]))
 
     @property
     def state(self) -> ServerState:
@@ -436,6 +432,32 @@ async def _refuse(stream: trio.abc.Stream, text: str, *, answer: bool) -> None:
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await stream.send_all(replies.err(text))
     await trio.aclose_forcefully(stream)
+
+
+def reload_tls(servers: Iterable[Server]) -> list[Server]:
+    """Read the certificate and key files of ``servers`` again; the servers reloaded.
+
+    Each pair of files is read once, and the servers that share it share the
+    new context, so that they never show different certificates.  All or
+    nothing: if a pair cannot be used, :class:`~pop3d.tls.TLSError` is
+    raised and every server keeps its context.  Servers without
+    ``tls_cert`` (or destroyed) are left alone.
+    """
+    targets = [srv for srv in servers if not srv.destroyed and srv.options.tls_cert is not None]
+    contexts: dict[tuple[Path, Path], ssl.SSLContext] = {}
+    for srv in targets:
+        files = _tls_files(srv.options)
+        if files not in contexts:
+            contexts[files] = server_context(*files)
+    for srv in targets:
+        srv._tls_context = contexts[_tls_files(srv.options)]
+        log.info("server %s loaded the certificate %s", srv.name, srv.options.tls_cert)
+    return targets
+
+
+def _tls_files(options: ServerOptions) -> tuple[Path, Path]:
+    assert options.tls_cert is not None and options.tls_key is not None
+    return (options.tls_cert, options.tls_key)
 
 
 def _tls_context_of(options: ServerOptions) -> ssl.SSLContext | None:

@@ -34,6 +34,7 @@ from .protocol import (
     Event,
     ListUids,
     LoginFailure,
+    LoginRejected,
     POP3Connection,
     Retrieve,
     StartTLS,
@@ -78,6 +79,10 @@ class SessionSettings:
     #: Client networks where a password may cross an unencrypted connection.
     cleartext_auth_from: tuple[Network, ...] = ()
 
+    def __post_init__(self) -> None:
+        if self.implicit_tls and self.tls_context is None:
+            raise ValueError("implicit_tls needs a tls_context")  # never fall back to plain text
+
 
 class _ConnectionLost(Exception):
     """The client went away, or the session cannot go on."""
@@ -120,7 +125,6 @@ class Session:
         self.stream = stream
         self.peer = peer
         self.settings = settings
-        implicit_tls = settings.implicit_tls and settings.tls_context is not None
         self.protocol = POP3Connection(
             challenge=_challenge(settings.hostname),
             implementation=settings.implementation,
@@ -129,7 +133,7 @@ class Session:
             on_command=self._count_command,
             apop=settings.apop,
             # Implicit TLS: encrypted before the greeting, so before any command.
-            encrypted=implicit_tls,
+            encrypted=settings.implicit_tls,
             tls_available=settings.tls_context is not None,
             cleartext_allowed=address_in(peer[0], settings.cleartext_auth_from),
         )
@@ -144,6 +148,9 @@ class Session:
         self._close_reason: str | None = None
         self._replying = False  # a reply has started going out and is not complete
         self._in_message = False  # between the +OK of RETR/TOP and its final "."
+        # TLS is due (POP3S, or STLS accepted) and not done: a plain "-ERR" (a
+        # kick, an error) would reach the client as garbage, so none is sent.
+        self._tls_pending = settings.implicit_tls
         self._cancel_scope = trio.CancelScope()
         #: Set when the session is over: socket closed, lock released.
         self.finished = trio.Event()
@@ -305,7 +312,7 @@ class Session:
 
     async def _try_send(self, data: bytes) -> None:
         """Send a last line, if the client is between replies; never raises, never hangs."""
-        if not data or self._replying:
+        if not data or self._replying or self._tls_pending:
             return  # inside a reply, a -ERR line would read as part of it
         # The shield goes outside the deadline: inside, it would block the deadline too.
         with trio.CancelScope(shield=True), trio.move_on_after(CLOSING_SEND_TIMEOUT):
@@ -321,7 +328,7 @@ class Session:
         context = self.settings.tls_context
         assert context is not None
         stream = trio.SSLStream(self.stream, context, server_side=True)
-        with trio.move_on_after(HANDSHAKE_TIMEOUT) as scope:
+        with trio.move_on_after(min(HANDSHAKE_TIMEOUT, self._idle_timeout())) as scope:
             try:
                 await stream.do_handshake()
             except trio.BrokenResourceError as exc:
@@ -334,6 +341,7 @@ class Session:
             log.info("session %s: TLS handshake timed out", self.conn_id)
             raise _ConnectionLost
         self.stream = stream
+        self._tls_pending = False
         cipher = stream.cipher()
         log.debug("session %s: TLS %s %s", self.conn_id, stream.version(), cipher[0] if cipher else "")
 
@@ -341,12 +349,15 @@ class Session:
         if isinstance(event, StartTLS):
             # After "+OK begin TLS" there is no plain-text answer left to give:
             # a failed handshake ends the session.
+            self._tls_pending = True
             await self._start_tls()
             self.protocol.tls_started()
             return
         try:
             if isinstance(event, Authenticate):
                 await self._authenticate(event)
+            elif isinstance(event, LoginRejected):
+                await self._login_failed(event.mechanism, "-", trio.current_time(), why=event.reason)
             elif isinstance(event, Retrieve):
                 await self._retrieve(event)
             elif isinstance(event, ListUids):
@@ -368,13 +379,7 @@ class Session:
         started = trio.current_time()
         entry = await auth.lookup(event.user) if auth is not None else None
         if entry is None or not await _secret_matches(event.credentials, entry[0]):
-            log.info("session %s: login failed for %r (%s)", self.conn_id, event.user, event.mechanism)
-            self._stats.logins[event.mechanism, "failed"] += 1
-            # Every failure is answered at the same time after the command, so the
-            # time does not tell an unknown user (no hash checked) from a wrong
-            # password, and guessing is slow.
-            await trio.sleep_until(started + self.settings.login_failure_delay)
-            proto.login_failed(LoginFailure.BAD_CREDENTIALS)
+            await self._login_failed(event.mechanism, event.user, started)
             return
         mailbox = entry[1]
         storage = self.settings.storage
@@ -398,6 +403,16 @@ class Session:
         self._stats.logins[event.mechanism, "ok"] += 1
         log.info("session %s: %s logged in (%s), %d messages", self.conn_id, event.user, event.mechanism, len(sizes))
         proto.login_succeeded(sizes)
+
+    async def _login_failed(self, mechanism: str, user: str, started: float, *, why: str = "") -> None:
+        """Count and log a failed login, then answer it at ``started`` + the failure delay."""
+        log.info("session %s: login failed for %r (%s)%s", self.conn_id, user, mechanism, f": {why}" if why else "")
+        self._stats.logins[mechanism, "failed"] += 1
+        # Every failure is answered at the same time after the command, so the
+        # time does not tell an unknown user (no hash checked) from a wrong
+        # password or a broken AUTH exchange, and guessing is slow.
+        await trio.sleep_until(started + self.settings.login_failure_delay)
+        self.protocol.login_failed(LoginFailure.BAD_CREDENTIALS)
 
     async def _retrieve(self, event: Retrieve) -> None:
         proto = self.protocol

@@ -251,8 +251,8 @@ async def test_patch_config(client: Client, server: pop3d.Server) -> None:
         ({"idle_timeout": 30, "cleartext_auth_from": ["10.0.0.1/8"]}, "cleartext_auth_from", "has host bits set"),
         ({"idle_timeout": 30, "cleartext_auth_from": "nowhere"}, "cleartext_auth_from", "IPv4 or IPv6 network"),
         ({"idle_timeout": 30, "implicit_tls": True}, "implicit_tls", "needs tls_cert and tls_key"),
-        ({"idle_timeout": 30, "tls_cert": "/etc/hostname"}, "tls_key", "go together"),
-        ({"tls_cert": "/nonexistent.pem", "tls_key": "/nonexistent.key"}, "tls_cert", "cannot read the certificate"),
+        ({"idle_timeout": 30, "tls_cert": "/etc/hostname"}, "tls_cert", "cannot be set over the admin API"),
+        ({"idle_timeout": 30, "tls_key": "/etc/shadow"}, "tls_key", "cannot be set over the admin API"),
         ([1, 2], "body", "valid dictionary"),
     ],
 )

@@ -23,6 +23,7 @@ from pop3d.protocol import (
     Closed,
     ListUids,
     LoginFailure,
+    LoginRejected,
     POP3Connection,
     Retrieve,
     StartTLS,
@@ -87,6 +88,8 @@ class Driver:
                 self.conn.command_failed(event)
             elif isinstance(event, Authenticate):
                 self._authenticate(event)
+            elif isinstance(event, LoginRejected):
+                self.conn.login_failed(LoginFailure.BAD_CREDENTIALS)
             elif isinstance(event, Retrieve):
                 writer = self.conn.start_message(event)
                 data = MESSAGES[event.msg - 1]
@@ -108,6 +111,8 @@ class Driver:
 
 
 def new_conn(**kwargs: Any) -> POP3Connection:
+    """An engine; unless told otherwise, the client may send passwords (a trusted network)."""
+    kwargs.setdefault("cleartext_allowed", True)
     return POP3Connection(challenge=CHALLENGE, implementation=IMPLEMENTATION, **kwargs)
 
 

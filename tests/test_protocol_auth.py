@@ -15,7 +15,7 @@ import pytest
 
 from pop3d import replies
 from pop3d.credentials import Password
-from pop3d.protocol import NEED_DATA, Authenticate, Closed, StartTLS, State
+from pop3d.protocol import MAX_SASL_LINE, NEED_DATA, Authenticate, Closed, LoginFailure, LoginRejected, StartTLS, State
 from pop3d.sasl import Login, Plain, SaslError
 
 from .test_protocol import CAPABILITIES, LOGGED_IN, LOGIN, PASSWORD, SIZES, bad_args, err, new_conn, ok, run
@@ -42,8 +42,8 @@ def plain(authzid: str, user: str, password: str) -> bytes:
 
 PLAIN_IR = b"AUTH PLAIN " + plain("", "alice", PASSWORD) + b"\r\n"
 EMPTY_CHALLENGE = replies.challenge("")
-USERNAME = replies.challenge(base64.b64encode(b"Username:").decode())
-PASSWORD_PROMPT = replies.challenge(base64.b64encode(b"Password:").decode())
+USERNAME = replies.challenge(base64.b64encode(replies.SASL_LOGIN_USER.encode()).decode())
+PASSWORD_PROMPT = replies.challenge(base64.b64encode(replies.SASL_LOGIN_PASSWORD.encode()).decode())
 
 
 def capa(*lines: str) -> bytes:
@@ -229,8 +229,32 @@ CASES: list[tuple[str, dict[str, Any], bytes | list[bytes], bytes]] = [
     (
         "a too long response ends the exchange",
         {},
-        b"AUTH PLAIN\r\n" + b"QUFB" * 300 + b"\r\nNOOP\r\n",
-        EMPTY_CHALLENGE + err(replies.LINE_TOO_LONG.format(limit=1024)) + err(replies.NOT_AUTHENTICATED),
+        b"AUTH PLAIN\r\n" + b"QUFB" * 2100 + b"\r\nNOOP\r\n",
+        EMPTY_CHALLENGE + err(replies.LINE_TOO_LONG.format(limit=MAX_SASL_LINE)) + err(replies.NOT_AUTHENTICATED),
+    ),
+    (
+        "a response may be longer than a command line",
+        {"max_line": 255},
+        b"AUTH PLAIN\r\n" + plain("", "alice", "x" * 300) + b"\r\n",
+        EMPTY_CHALLENGE + err(replies.AUTH_FAILED),
+    ),
+    (
+        "a broken AUTH abandons a USER without PASS",
+        {},
+        b"USER alice\r\nAUTH PLAIN @@\r\nPASS " + PASSWORD.encode() + b"\r\n",
+        ok(replies.USER_ACCEPTED) + err(replies.AUTH_BAD_BASE64) + err(replies.PASS_WITHOUT_USER),
+    ),
+    (
+        "a cancelled AUTH keeps APOP's rule against USER",
+        {},
+        b"APOP alice " + b"0" * 32 + b"\r\nAUTH PLAIN\r\n*\r\nUSER alice\r\n",
+        err(replies.AUTH_FAILED) + EMPTY_CHALLENGE + err(replies.AUTH_CANCELLED) + err(replies.MECHANISM_APOP_CHOSEN),
+    ),
+    (
+        "= as a continuation is an empty response",
+        {},
+        b"AUTH PLAIN\r\n=\r\n",
+        EMPTY_CHALLENGE + rejected(replies.SASL_PLAIN_FORM),
     ),
 ]
 
@@ -266,6 +290,9 @@ def test_stls_must_be_answered_before_anything_else() -> None:
     assert isinstance(conn.next_event(), StartTLS)
     with pytest.raises(RuntimeError):
         conn.next_event()
+    # A caller that reads on before the handshake is stopped: those bytes came in clear.
+    with pytest.raises(RuntimeError, match="before the TLS handshake"):
+        conn.receive_data(b"USER alice\r\nPASS " + PASSWORD.encode() + b"\r\n")
     conn.tls_started()
     assert conn.encrypted
     with pytest.raises(RuntimeError):
@@ -308,11 +335,28 @@ def test_authenticate_event(data: bytes, mechanism: str) -> None:
     assert conn.state is State.TRANSACTION
 
 
-def test_sasl_failures_take_the_delay_path_like_pass() -> None:
-    # A wrong password through AUTH is an Authenticate event like PASS, so the
-    # caller's failure delay and counting apply to it in the same way.
-    _, driver = run(b"AUTH PLAIN " + plain("", "alice", "wrong") + b"\r\n", bytewise=False)
-    assert [type(event) for event in driver.events] == [Authenticate]
+def test_every_failed_auth_goes_to_the_caller() -> None:
+    # A wrong password through AUTH is an Authenticate event like PASS, and a
+    # broken exchange a LoginRejected: the caller counts, logs and delays both
+    # as it does a wrong password, and answers both with login_failed().
+    commands = b"AUTH PLAIN " + plain("", "alice", "wrong") + b"\r\nAUTH PLAIN @@\r\n"
+    out, driver = run(commands, bytewise=False)
+    assert driver.events == [
+        Authenticate(mechanism="plain", credentials=Password(user="alice", secret="wrong")),
+        LoginRejected(mechanism="plain", reason=replies.AUTH_BAD_BASE64),
+    ]
+    assert out == err(replies.AUTH_FAILED) + err(replies.AUTH_BAD_BASE64)
+    assert driver.conn.auth_failures == 2
+
+
+def test_login_rejected_cannot_succeed() -> None:
+    conn = new_conn()
+    conn.receive_data(b"AUTH PLAIN =\r\n")
+    assert isinstance(conn.next_event(), LoginRejected)
+    with pytest.raises(RuntimeError):
+        conn.login_succeeded([])
+    conn.login_failed(LoginFailure.BAD_CREDENTIALS)
+    assert conn.data_to_send() == rejected(replies.SASL_PLAIN_FORM)
 
 
 def test_cleartext_refusals_produce_no_event_and_count_nothing() -> None:

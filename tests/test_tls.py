@@ -180,6 +180,30 @@ async def test_a_stalled_handshake_times_out(tls_server: pop3d.Server, autojump_
     assert tls_server.stats.tls_failures == 1
 
 
+async def test_a_stalled_stls_handshake_times_out(tls_server: pop3d.Server, autojump_clock: object) -> None:
+    client = PopClient(open_stream(tls_server))
+    await client.read_line()
+    assert await client.command("STLS") == replies.ok(replies.STLS_BEGIN)
+    with trio.fail_after(31):
+        assert await client.at_eof()
+    await wait_until(lambda: not tls_server.conn_list())
+    assert tls_server.stats.tls_failures == 1
+
+
+@pytest.mark.parametrize("how", ["pop3s", "stls"])
+async def test_a_kick_during_the_handshake_sends_no_plain_text(tls_server: pop3d.Server, how: str) -> None:
+    tls_server.configure(implicit_tls=how == "pop3s")
+    client = PopClient(open_stream(tls_server))
+    if how == "stls":
+        await client.read_line()
+        assert await client.command("STLS") == replies.ok(replies.STLS_BEGIN)
+    await wait_until(lambda: bool(tls_server.conn_list()))
+    [conn_id] = tls_server.conn_list()
+    tls_server.close_connection(conn_id, "maintenance")
+    assert await client.at_eof()
+    assert client._buffer == b""  # not "-ERR maintenance" in clear: the client expects TLS
+
+
 async def test_over_the_limit_on_pop3s_closes_without_plain_text(tls_server: pop3d.Server) -> None:
     tls_server.configure(implicit_tls=True, max_connections=1)
     open_stream(tls_server)  # holds the one place, handshake pending
@@ -200,6 +224,7 @@ async def test_tls_1_1_is_refused(tls_server: pop3d.Server, certs: Certs) -> Non
     tls = trio.SSLStream(open_stream(tls_server), context, server_hostname="localhost")
     with pytest.raises(trio.BrokenResourceError):
         await tls.do_handshake()
+    await wait_until(lambda: tls_server.stats.tls_failures == 1)  # the server refused it
     assert tls_server.tls_context is not None
     assert tls_server.tls_context.minimum_version == ssl.TLSVersion.TLSv1_2
 
@@ -236,13 +261,37 @@ async def test_hashed_passwords_work_with_sasl(tls_server: pop3d.Server, certs: 
     assert (await client.command(f"AUTH PLAIN {plain_ir('alice', 'wonderland')}")).startswith(b"+OK")
 
 
-async def test_summary_line_says_tls(tls_server: pop3d.Server, certs: Certs, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="pop3d")
+async def test_logs_say_tls_and_never_hold_a_password(
+    tls_server: pop3d.Server, certs: Certs, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="pop3d")
     client, tls = await stls_client(tls_server, certs)
+    assert (await client.command(f"AUTH PLAIN {plain_ir('alice', 'guess-1')}")).startswith(b"-ERR [AUTH]")
+    assert await client.command("AUTH LOGIN") == replies.challenge("VXNlcm5hbWU6")
+    assert (await client.command(base64.b64encode(b"alice"))).startswith(b"+ ")
+    assert (await client.command(base64.b64encode(b"guess-2"))).startswith(b"-ERR [AUTH]")
+    assert (await client.command(f"AUTH PLAIN {plain_ir('alice', 'wonderland')}")).startswith(b"+OK")
     await client.command("QUIT")
     await wait_until(lambda: not tls_server.conn_list())
     assert f"tls={tls.version()}" in caplog.text
+    assert "login failed for 'alice' (plain)" in caplog.text and "login failed for 'alice' (login)" in caplog.text
+    for secret in ("guess-1", "guess-2", "wonderland"):
+        assert secret not in caplog.text
+        assert base64.b64encode(secret.encode()).decode()[:8] not in caplog.text
     assert plain_ir("alice", "wonderland") not in caplog.text
+
+
+async def test_broken_auth_is_a_failed_login_like_any(
+    tls_server: pop3d.Server, certs: Certs, caplog: pytest.LogCaptureFixture, autojump_clock: object
+) -> None:
+    caplog.set_level(logging.INFO, logger="pop3d")
+    tls_server.configure(login_failure_delay=2)
+    client, _ = await stls_client(tls_server, certs)
+    started = trio.current_time()
+    assert await client.command("AUTH PLAIN not-base64!") == replies.err(replies.AUTH_BAD_BASE64)
+    assert trio.current_time() - started >= 2
+    assert tls_server.stats.logins["plain", "failed"] == 1
+    assert "login failed for '-' (plain): " + replies.AUTH_BAD_BASE64 in caplog.text
 
 
 # -- certificates ---------------------------------------------------------------
