@@ -9,7 +9,7 @@ mailboxes.
 from __future__ import annotations
 
 from ._version import __version__
-from .callbacks import Auth, HashedPassword, MessageData, Storage, sync_auth, sync_storage
+from .callbacks import Auth, HashedPassword, MailboxUnavailable, MessageData, Storage, sync_auth, sync_storage
 from .errors import NameTaken, OptionError, Pop3dError, StateError, UnknownConnection
 from .maildir import MaildirStorage
 from .memory import MemoryStorage, MemoryUsers
@@ -20,6 +20,7 @@ from .server import Server, get, new, servers
 __all__ = [
     "Auth",
     "HashedPassword",
+    "MailboxUnavailable",
     "MaildirStorage",
     "MemoryStorage",
     "MemoryUsers",

@@ -21,12 +21,23 @@ import trio
 __all__ = [
     "Auth",
     "HashedPassword",
+    "MailboxUnavailable",
     "MessageData",
     "Storage",
     "iterate_message",
     "sync_auth",
     "sync_storage",
 ]
+
+
+class MailboxUnavailable(Exception):
+    """A storage fault that trying again will not mend (a Maildir that is a file, say).
+
+    Raised by a storage callback; the client gets ``-ERR [SYS/PERM]`` and the
+    log one line with the message (no traceback).  Any other exception is
+    taken for a passing fault: ``-ERR [SYS/TEMP]`` and a traceback.
+    """
+
 
 MessageData = bytes | AsyncIterable[bytes]
 """What :meth:`Storage.get` returns: the whole message, or its chunks in order."""
