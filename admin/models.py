@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import PurePath
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, WithJsonSchema, create_model
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, Strict, WithJsonSchema, create_model
 
 from pop3d.options import READ_ONLY, ServerOptions
 from pop3d.server import Server
@@ -41,7 +41,7 @@ __all__ = [
 # Callbacks hold credentials and file handles, a TLS context holds a key: the
 # API shows them, never sets them.  Nor does it point the server at files
 # (which would let it probe any file the server can read).
-NOT_SETTABLE = ("auth", "storage", "ssl_context", "tls_cert", "tls_key", *READ_ONLY)
+NOT_SETTABLE = ("auth", "storage", "ssl_context", "tls_cert", "tls_key", "penalties", *READ_ONLY)
 
 # Flask's JSON encoder would write datetimes as RFC 822 dates; the API promises ISO 8601.
 IsoDatetime = Annotated[
@@ -145,6 +145,10 @@ class ConfigView(BaseModel):
     ssl_context: str | None = Field(description="'ssl.SSLContext' when a context object was given instead.")
     implicit_tls: bool = Field(description="POP3S: TLS from the first byte.")
     cleartext_auth_from: list[str] = Field(description="Networks that may log in with a password before TLS.")
+    max_userip_connections: int
+    login_timeout: float
+    penalties: str | None = Field(description="The penalty box's description, or null if there are no penalties.")
+    proxy_protocol_from: list[str] = Field(description="Proxies that send a PROXY header first.")
     state: Literal["down", "up", "exiting"]
 
     @classmethod
@@ -170,8 +174,10 @@ def _patch_model() -> type[BaseModel]:
         if name in NOT_SETTABLE:
             continue
         annotation: Any = info.annotation
-        if info.metadata:
-            annotation = Annotated[(annotation, *info.metadata)]
+        # JSON's true is not 1, nor 1.5 an integer: plain values are taken as they are typed.
+        strict = (Strict(),) if annotation in (int, float, bool, str) else ()
+        if info.metadata or strict:
+            annotation = Annotated[(annotation, *strict, *info.metadata)]
         fields[name] = (annotation, Field(None, description=info.description))
     return create_model(
         "ConfigPatch",

@@ -18,6 +18,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, IPvAnyNetwor
 from .callbacks import Auth, Storage
 from .errors import OptionError
 from .networks import LOOPBACK, parse_networks
+from .penalties import PenaltyBox
 from .tls import check_context
 
 __all__ = ["READ_ONLY", "ServerOptions", "validate_options"]
@@ -50,6 +51,8 @@ class ServerOptions(BaseModel):
     hostname: str = Field(
         default_factory=socket.gethostname,
         min_length=1,
+        # Twice in the greeting (the host and the APOP challenge): within RFC 2449's 512 octets.
+        max_length=200,
         pattern=r"^[A-Za-z0-9.\-_\[\]:]+$",
         description="Host name in the greeting and the APOP challenge.",
     )
@@ -64,9 +67,28 @@ class ServerOptions(BaseModel):
     login_failure_delay: float = Field(
         1.0, ge=0, le=60, allow_inf_nan=False, description="Seconds after a login command before a failure is answered."
     )
-    max_connections: int = Field(1000, ge=1, description="Open connections at most; more are refused.")
-    max_connections_per_ip: int = Field(100, ge=1, description="Open connections from one address at most.")
+    max_connections: int = Field(
+        1000,
+        ge=1,
+        description="Open connections at most; then the oldest not logged in makes room, or newcomers are refused.",
+    )
+    max_connections_per_ip: int = Field(
+        300, ge=1, description="Connections from one address that have not logged in, at most."
+    )
+    max_userip_connections: int = Field(
+        10, ge=0, description="Logged-in sessions of one user from one address at most; 0: no limit."
+    )
+    login_timeout: float = Field(
+        60.0, ge=0, allow_inf_nan=False, description="Seconds from connecting to logging in; 0: no limit."
+    )
     max_auth_failures: int = Field(3, ge=1, le=100, description="Failed logins before the session is closed.")
+    penalties: PenaltyBox | None = Field(
+        default_factory=PenaltyBox,
+        description="Failed-login penalties by address and user (share one among servers); None: none.",
+    )
+    proxy_protocol_from: Networks = Field(
+        (), description="Proxies whose connections start with a PROXY header (v1 or v2); none by default."
+    )
     tls_cert: Path | None = Field(None, description="PEM certificate chain: offers STLS, or serves POP3S.")
     tls_key: Path | None = Field(None, description="PEM private key of tls_cert (may be the same file).")
     ssl_context: ssl.SSLContext | None = Field(None, description="A ready server context, instead of tls_cert/key.")
@@ -75,6 +97,16 @@ class ServerOptions(BaseModel):
         LOOPBACK,
         description="Client networks that may send a password before TLS; others must use STLS or POP3S.",
     )
+
+    @field_validator("host")
+    @classmethod
+    def _host_name(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                value.encode("idna")  # what binding will do; "a..b" fails here, not at up()
+            except UnicodeError:
+                raise ValueError(f"{value!r} is not a host name or address") from None
+        return value
 
     @field_validator("ssl_context")
     @classmethod

@@ -109,6 +109,13 @@ PAUSED = _Paused()
 OUTGOING_LIMIT = 65536
 
 
+class _Skipped:
+    pass
+
+
+_SKIPPED = _Skipped()  # a line too long to take, already answered
+
+
 @dataclass(frozen=True, kw_only=True)
 class Event:
     """Base class of the events that need the caller's action."""
@@ -184,7 +191,9 @@ class LoginFailure(enum.Enum):
 
     BAD_CREDENTIALS = replies.AUTH_FAILED
     IN_USE = replies.MAILDROP_LOCKED
+    USER_CONNECTIONS = replies.TOO_MANY_USER_SESSIONS
     SYS_TEMP = replies.SYS_TEMP
+    SYS_PERM = replies.SYS_PERM
 
 
 def valid_uid(uid: str) -> bool:
@@ -352,6 +361,8 @@ class POP3Connection:
             line = self._next_line()
             if line is None:
                 return NEED_DATA
+            if isinstance(line, _Skipped):
+                continue  # answered "line too long"; the outgoing limit is checked again first
             event = self._dispatch(line)
             if event is not None:
                 if not isinstance(event, Closed):
@@ -365,7 +376,8 @@ class POP3Connection:
         self._outgoing.clear()
         return out
 
-    def _next_line(self) -> str | None:
+    def _next_line(self) -> str | _Skipped | None:
+        """The next complete line; :data:`_SKIPPED` for one too long (answered); None for none yet."""
         while True:
             end = self._buffer.find(b"\n", max(self._scanned, self._start))
             if end < 0:
@@ -386,7 +398,7 @@ class POP3Connection:
                 continue
             if length > self._line_limit():
                 self._line_too_long()
-                continue
+                return _SKIPPED
             if raw.endswith(b"\r"):
                 raw = raw[:-1]
             return raw.decode("utf-8", "surrogateescape")
@@ -407,7 +419,8 @@ class POP3Connection:
         if self._sasl is not None:
             return self._sasl_response(line)
         keyword, _, rest = line.partition(" ")
-        keyword = keyword.upper()
+        # Keywords are ASCII (RFC 1939): str.upper() would turn a long s (U+017F) into an S.
+        keyword = keyword.upper() if keyword.isascii() else keyword
         if self._on_command is not None and keyword in self._known:
             self._on_command(keyword)
         handler = self._commands.get(self.state, {}).get(keyword)
@@ -423,7 +436,8 @@ class POP3Connection:
         if keyword in _SENDS_PASSWORD and self._refuse_cleartext():
             return None  # before the arguments are even looked at
         try:
-            return handler(rest.split(), rest)
+            # Arguments are separated by spaces; other (Unicode) white space is part of them.
+            return handler([arg for arg in rest.split(" ") if arg], rest)
         except _BadArguments:
             self._reply(replies.err(replies.BAD_ARGUMENTS.format(usage=replies.USAGE[keyword])))
             return None
@@ -762,11 +776,12 @@ class POP3Connection:
             self._reply(replies.err(replies.SYS_TEMP_UPDATE))
         self.state = State.CLOSED
 
-    def command_failed(self, event: Event) -> None:
+    def command_failed(self, event: Event, *, permanent: bool = False) -> None:
         """The caller could not answer ``event`` (storage failed): ``-ERR [SYS/TEMP]``.
 
-        For :class:`Update` this ends the session like :meth:`update_finished`
-        with ``ok=False``.
+        ``permanent``: the fault will not mend by itself, ``-ERR [SYS/PERM]``
+        (RFC 3206).  For :class:`Update` this ends the session like
+        :meth:`update_finished` with ``ok=False``.
         """
         if isinstance(event, Update):
             self.update_finished(False)
@@ -775,7 +790,7 @@ class POP3Connection:
         self._rejection = None
         if isinstance(event, Authenticate | LoginRejected):
             self._forget_user()
-        self._reply(replies.err(replies.SYS_TEMP))
+        self._reply(replies.err(replies.SYS_PERM if permanent else replies.SYS_TEMP))
 
     def close(self, reply: str | None = None) -> None:
         """End the session from the server's side, with an optional ``-ERR`` reply."""

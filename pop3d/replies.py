@@ -21,6 +21,7 @@ LOGGED_IN = "logged in, {count} messages ({octets} octets)"
 AUTH_FAILED = "[AUTH] invalid user name or password"
 AUTH_TOO_MANY = "[AUTH] too many failed logins, closing connection"
 MAILDROP_LOCKED = "[IN-USE] maildrop is locked by another session"
+TOO_MANY_USER_SESSIONS = "[IN-USE] too many sessions of this user from your address"
 MECHANISM_USER_CHOSEN = "login mechanism USER/PASS was chosen, APOP not allowed"
 APOP_DISABLED = "APOP is not enabled on this server, use USER and PASS"
 MECHANISM_APOP_CHOSEN = "login mechanism APOP was chosen, USER not allowed"
@@ -74,10 +75,16 @@ UNKNOWN_COMMAND = "unknown command '{command}'"
 BAD_ARGUMENTS = "bad arguments: usage {usage}"
 LINE_TOO_LONG = "line too long, at most {limit} octets"
 IDLE_TIMEOUT = "idle for too long, closing connection"
+LOGIN_TIMEOUT = "took too long to log in, closing connection"
 
 # Connections over the server's limits, answered instead of the greeting.
 TOO_MANY_CONNECTIONS = "[SYS/TEMP] too many connections, try again later"
 TOO_MANY_FROM_ADDRESS = "[SYS/TEMP] too many connections from your address"
+SHUTTING_DOWN = "[SYS/TEMP] server shutting down, try again later"
+
+# The PROXY protocol (HAProxy's): only from trusted proxies, and well-formed.
+PROXY_REFUSED = "PROXY protocol header not accepted from your address"
+PROXY_MALFORMED = "bad PROXY protocol header: {problem}"
 
 # Storage failures (RFC 3206).
 SYS_TEMP = "[SYS/TEMP] mailbox temporarily unavailable, try again later"

@@ -20,16 +20,17 @@ import contextlib
 import itertools
 import logging
 import ssl
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import trio
 
-from . import replies
+from . import proxy, replies
 from ._version import __version__
+from .connections import ConnectionTable, Verdict
 from .errors import NameTaken, OptionError, StateError, UnknownConnection
+from .networks import address_in
 from .options import ServerOptions, validate_options
 from .session import Session, SessionSettings
 from .stats import ServerStats
@@ -44,6 +45,10 @@ IMPLEMENTATION = f"pop3d-{__version__}"
 
 # Options from which the server makes its TLS context.
 _TLS_OPTIONS = ("tls_cert", "tls_key", "ssl_context")
+# A kill waits this long for sessions to end (they unlock and close within it).
+KILL_TIMEOUT = 2.0
+# A trusted proxy sends its PROXY header at once; this long at most.
+PROXY_HEADER_TIMEOUT = 10.0
 
 ServerState = Literal["down", "up", "exiting"]
 
@@ -101,8 +106,7 @@ class Server:
         self._listener_scope: trio.CancelScope | None = None
         self._listener_done: trio.Event | None = None
         self._listeners: list[trio.SocketListener] = []
-        self._sessions: dict[str, Session] = {}
-        self._per_address: Counter[str] = Counter()
+        self._table: ConnectionTable[Session] = ConnectionTable()
         self._ids = itertools.count(1)
         self._transition = trio.Lock()
         self._destroying = trio.Event()
@@ -207,6 +211,10 @@ class Server:
         if _servers.get(self.name) is self:
             del _servers[self.name]
         self._finished.set()
+
+    def _exiting(self) -> bool:
+        # A method, not an inline test: the state changes across awaits.
+        return self._state == "exiting"
 
     def _check_alive(self) -> None:
         if self._destroyed or self._destroying.is_set():
@@ -323,21 +331,35 @@ class Server:
         deferring = False
         async with self._transition:
             await self._stop_listening()
-            if mode == "defer" and self._sessions:
+            if mode == "defer" and len(self._table):
                 self._state = "exiting"
                 deferring = True
-                log.info("server %s exiting after %d connections", self.name, len(self._sessions))
+                log.info("server %s exiting after %d connections", self.name, len(self._table))
             else:
                 self._destroying.set()
         if deferring:
             task_status.started()
+            await self._destroying.wait()  # the last connection has ended, or a kill came
+        await self._kill_sessions()
         if self._ran:
-            await self._finished.wait()
-        else:
-            self._destroying.set()
-            self._finish()
+            with trio.move_on_after(KILL_TIMEOUT):
+                await self._finished.wait()
+        self._finish()
         if not deferring:
             task_status.started()
+
+    async def _kill_sessions(self) -> None:
+        """Close every session, those served outside the nursery too, and wait a bounded time."""
+        sessions = list(self._table)
+        for session in sessions:
+            session.close()
+        with trio.move_on_after(KILL_TIMEOUT):
+            for session in sessions:
+                await session.finished.wait()
+        stuck = [session.conn_id for session in sessions if not session.finished.is_set()]
+        if stuck:
+            # A callback that ignores cancellation; the server goes on without waiting for it.
+            log.error("server %s: sessions %s did not end within %.0f s", self.name, ", ".join(stuck), KILL_TIMEOUT)
 
     # -- connections ----------------------------------------------------
 
@@ -358,6 +380,10 @@ class Server:
             tls_context=self._tls_context,
             implicit_tls=options.implicit_tls,
             cleartext_auth_from=options.cleartext_auth_from,
+            login_timeout=options.login_timeout,
+            penalties=options.penalties,
+            max_userip_connections=options.max_userip_connections,
+            sessions_of=self._table.sessions_of,
         )
 
     async def _accept(self, stream: trio.abc.Stream) -> None:
@@ -368,70 +394,158 @@ class Server:
 
         Returns when the session is over.  The listener calls this for each
         connection; tests call it with one end of
-        :func:`trio.testing.memory_stream_pair`.
+        :func:`trio.testing.memory_stream_pair`.  From an address in
+        ``proxy_protocol_from``, a PROXY header comes first and says who the
+        client really is.  Once the server is exiting or destroyed, new
+        connections are closed at once.
         """
         options = self._options
         # On a POP3S port a plain-text -ERR would reach the client as garbage.
         answer = not options.implicit_tls
-        if len(self._sessions) >= options.max_connections:
-            await _refuse(stream, replies.TOO_MANY_CONNECTIONS, answer=answer)
+        if self._destroyed or self._destroying.is_set() or self._exiting():
+            await _refuse(stream, peer, replies.SHUTTING_DOWN, answer=answer)
             return
-        if peer[0] and self._per_address[peer[0]] >= options.max_connections_per_ip:
-            await _refuse(stream, replies.TOO_MANY_FROM_ADDRESS, answer=answer)
+        if address_in(peer[0], options.proxy_protocol_from):
+            proxied = await _read_proxy_header(stream, peer, answer=answer)
+            if proxied is None:
+                return
+            stream, peer = proxied
+        admission = self._table.admit(
+            peer[0], max_connections=options.max_connections, max_per_address=options.max_connections_per_ip
+        )
+        if admission.verdict is Verdict.REFUSE_FULL:
+            self.stats.refused += 1
+            await _refuse(stream, peer, replies.TOO_MANY_CONNECTIONS, answer=answer)
             return
+        if admission.verdict is Verdict.REFUSE_ADDRESS:
+            self.stats.refused += 1
+            await _refuse(stream, peer, replies.TOO_MANY_FROM_ADDRESS, answer=answer)
+            return
+        if admission.evict is not None:
+            # Full: the oldest connection that has not logged in makes room (as Dovecot does).
+            victim = admission.evict
+            log.info("server %s: closing %s from %s to make room", self.name, victim.conn_id, victim.address or "-")
+            self.stats.evicted += 1
+            victim.close(replies.TOO_MANY_CONNECTIONS)
         conn_id = f"conn{next(self._ids)}"
         session = Session(conn_id, stream, peer, self._settings())
-        self._sessions[conn_id] = session
-        self._per_address[peer[0]] += 1
+        self._table.add(conn_id, session)
         try:
             await session.run()
         finally:
-            del self._sessions[conn_id]
-            self._per_address[peer[0]] -= 1
-            if not self._per_address[peer[0]]:
-                del self._per_address[peer[0]]
-            if self._state == "exiting" and not self._sessions:
+            self._table.remove(conn_id)
+            if self._exiting() and not len(self._table):
                 self._destroying.set()
 
     def connect(self, stream: trio.abc.Stream, peer: tuple[str, int] = ("", 0)) -> None:
         """Start serving ``stream`` as a connection task of this server.
 
         Like an accepted connection, it is closed by ``destroy("kill")``.
+        Raises :class:`~pop3d.errors.StateError` once the server is exiting.
         """
         nursery = self._require_running()
+        if self._state == "exiting":
+            raise StateError(f"server {self.name} is exiting")
         nursery.start_soon(self.serve_stream, stream, peer)
 
     def conn_list(self) -> list[str]:
         """The ids of the open connections."""
-        return list(self._sessions)
+        return self._table.ids()
 
     def conn_state(self, conn_id: str) -> dict[str, Any]:
         """The state of connection ``conn_id`` (see :meth:`Session.state`)."""
-        try:
-            return self._sessions[conn_id].state()
-        except KeyError:
-            raise UnknownConnection(conn_id) from None
+        return self.session(conn_id).state()
 
     def session(self, conn_id: str) -> Session:
         """The :class:`~pop3d.session.Session` of connection ``conn_id``."""
-        try:
-            return self._sessions[conn_id]
-        except KeyError:
-            raise UnknownConnection(conn_id) from None
+        session = self._table.get(conn_id)
+        if session is None:
+            raise UnknownConnection(conn_id)
+        return session
 
     def close_connection(self, conn_id: str, reason: str | None = None) -> None:
-        """Close one connection: its deletions are not applied, its lock is released."""
-        self.session(conn_id).close(reason)
+        """Close one connection: its deletions are not applied, its lock is released.
+
+        ``reason`` (one line of printable text) is sent as ``-ERR reason``.
+        """
+        session = self.session(conn_id)
+        session.close(reason)
+        log.info(
+            "server %s: closing %s from %s (user %s)%s",
+            self.name,
+            conn_id,
+            session.address or "-",
+            session.user or "-",
+            f": {reason}" if reason else "",
+        )
 
 
-async def _refuse(stream: trio.abc.Stream, text: str, *, answer: bool) -> None:
-    """Close a connection over the limits, answering ``-ERR text`` first if ``answer``."""
-    log.warning("refusing a connection: %s", text)
+async def _refuse(stream: trio.abc.Stream, peer: tuple[str, int], text: str, *, answer: bool) -> None:
+    """Close a connection that may not stay, answering ``-ERR text`` first if ``answer``."""
+    log.warning("refusing a connection from %s: %s", peer[0] or "-", text)
     if answer:
         with trio.move_on_after(5):
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await stream.send_all(replies.err(text))
     await trio.aclose_forcefully(stream)
+
+
+class _Prefixed(trio.abc.Stream):
+    """A stream that first gives back bytes already read from it (after a PROXY header)."""
+
+    def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
+        self.transport_stream = stream
+        self._prefix = prefix
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self._prefix:
+            size = len(self._prefix) if max_bytes is None else max_bytes
+            data, self._prefix = self._prefix[:size], self._prefix[size:]
+            await trio.lowlevel.checkpoint()
+            return data
+        return await self.transport_stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.transport_stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport_stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        if isinstance(self.transport_stream, trio.abc.HalfCloseableStream):
+            await self.transport_stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self.transport_stream.aclose()
+
+
+async def _read_proxy_header(
+    stream: trio.abc.Stream, peer: tuple[str, int], *, answer: bool
+) -> tuple[trio.abc.Stream, tuple[str, int]] | None:
+    """The stream past a PROXY header, and the client it names; None (closed) if there is none."""
+    buffer = b""
+    problem = None
+    with trio.move_on_after(PROXY_HEADER_TIMEOUT):
+        try:
+            while (header := proxy.parse_header(buffer)) is None:
+                data = await stream.receive_some(proxy.MAX_HEADER)
+                if not data:
+                    break
+                buffer += data
+            else:
+                rest = buffer[header.length :]
+                client = header.source or peer  # LOCAL (a health check): the proxy itself
+                return (_Prefixed(stream, rest) if rest else stream), client
+        except proxy.ProxyError as exc:
+            problem = str(exc)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+    if problem is not None:
+        await _refuse(stream, peer, replies.PROXY_MALFORMED.format(problem=problem), answer=answer)
+    else:
+        log.warning("closing a connection from proxy %s: no PROXY header", peer[0])
+        await trio.aclose_forcefully(stream)
+    return None
 
 
 def reload_tls(servers: Iterable[Server]) -> list[Server]:

@@ -16,16 +16,18 @@ import os
 import secrets
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import trio
 
-from . import replies
-from .callbacks import Auth, HashedPassword, Storage, iterate_message
+from . import proxy, replies
+from .callbacks import Auth, HashedPassword, MailboxUnavailable, Storage, iterate_message
 from .credentials import Credentials
 from .networks import Network, address_in
+from .penalties import PenaltyBox
 from .protocol import (
     NEED_DATA,
     PAUSED,
@@ -49,10 +51,13 @@ log = logging.getLogger("pop3d.session")
 
 RECEIVE_SIZE = 65536
 SEND_BATCH = 65536
-# Unlocking must finish even while the session is being cancelled, but not hang.
-UNLOCK_TIMEOUT = 10.0
-# How long a last "-ERR ..." before closing may take: the client may not be reading.
-CLOSING_SEND_TIMEOUT = 5.0
+# Unlocking and closing must finish even while the session is being cancelled,
+# but not hang: a kill of the server waits for them.
+UNLOCK_TIMEOUT = 1.0
+# How long a last "-ERR ..." or a TLS close_notify may take: the client may not be reading.
+CLOSING_SEND_TIMEOUT = 1.0
+# A reason sent as "-ERR reason" stays one short line.
+MAX_REASON = 200
 # A TLS handshake is a few round trips; a client that stalls in it holds a connection.
 HANDSHAKE_TIMEOUT = 30.0
 
@@ -78,6 +83,13 @@ class SessionSettings:
     implicit_tls: bool = False
     #: Client networks where a password may cross an unencrypted connection.
     cleartext_auth_from: tuple[Network, ...] = ()
+    #: Seconds from connecting to logging in; 0: no limit but the idle timeout.
+    login_timeout: float = 0.0
+    #: Failed-login penalties, shared with other sessions (None: no penalties).
+    penalties: PenaltyBox | None = None
+    #: Logged-in sessions per user and address at most (0: no limit), counted by ``sessions_of``.
+    max_userip_connections: int = 0
+    sessions_of: Callable[[str, str], int] | None = None
 
     def __post_init__(self) -> None:
         if self.implicit_tls and self.tls_context is None:
@@ -139,6 +151,8 @@ class Session:
         )
         self.mailbox: str | None = None
         self.storage: Storage | None = None  # the storage holding our lock
+        self._first_data = True
+        self._login_deadline = trio.current_time() + settings.login_timeout if settings.login_timeout > 0 else math.inf
         self.started = _now()
         self.last_activity = self.started
         self.retrieved = 0
@@ -156,6 +170,28 @@ class Session:
         self.finished = trio.Event()
         self._stats = settings.stats
         self._stats.sessions += 1
+
+    # -- what the server's connection table sees --------------------------
+
+    @property
+    def address(self) -> str:
+        """The client's address (the real one, behind a PROXY header)."""
+        return self.peer[0]
+
+    @property
+    def logged_in(self) -> bool:
+        """Whether the session is past AUTHORIZATION (and not over)."""
+        return self.protocol.state in (State.TRANSACTION, State.UPDATE)
+
+    @property
+    def user(self) -> str:
+        """The user name the client gave (USER, APOP or AUTH), or empty."""
+        return self.protocol.user
+
+    @property
+    def closing(self) -> bool:
+        """Whether :meth:`close` was called and the session has not ended yet."""
+        return self._cancel_scope.cancel_called and not self.finished.is_set()
 
     # -- what conn_state shows ------------------------------------------
 
@@ -201,8 +237,11 @@ class Session:
     def close(self, reason: str | None = None) -> None:
         """End the session from outside: no deletions, lock released.
 
-        ``reason``, if given, is sent to the client as ``-ERR reason``.
+        ``reason``, if given, is sent to the client as ``-ERR reason``: one
+        line of printable text, at most 200 characters (``ValueError``).
         """
+        if reason is not None and (len(reason) > MAX_REASON or not reason.isprintable()):
+            raise ValueError(f"a reason is one line of printable text, at most {MAX_REASON} characters")
         self._close_reason = reason
         self._cancel_scope.cancel()
 
@@ -277,19 +316,41 @@ class Session:
             self.commands += 1
             await self._answer(event)
 
+    def _is_proxy_header(self, data: bytes | bytearray) -> bool:
+        # The client's first bytes; a trusted proxy's header was taken off before the session.
+        # Six bytes tell a header from a command ("PROXY " or the start of v2's signature).
+        if len(data) < 6 or not proxy.starts_like_header(bytes(data[:16])):
+            return False
+        log.warning("session %s from %s: a PROXY header from an untrusted address", self.conn_id, self.address or "-")
+        return True
+
+    def _deadline(self) -> tuple[float, str]:
+        """When the client's time is up if nothing comes, and what it is told then."""
+        idle = trio.current_time() + self._idle_timeout()
+        if not self.logged_in and self._login_deadline < idle:
+            return self._login_deadline, replies.LOGIN_TIMEOUT
+        return idle, replies.IDLE_TIMEOUT
+
     async def _receive(self) -> None:
         data: bytes | bytearray = b""
-        with trio.move_on_after(self._idle_timeout()):
+        deadline, text = self._deadline()
+        with trio.move_on_at(deadline):
             try:
                 data = await self.stream.receive_some(RECEIVE_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise _ConnectionLost from exc
             if not data:
                 raise _ConnectionLost  # the client closed its end
+            if self._first_data and self._is_proxy_header(data):
+                self.protocol.close(replies.PROXY_REFUSED)
+                await self._try_send(self.protocol.data_to_send())
+                raise _ConnectionLost
+            self._first_data = False
             self.last_activity = _now()
             self.protocol.receive_data(data)
             return
-        self.protocol.close(replies.IDLE_TIMEOUT)
+        log.info("session %s from %s: %s", self.conn_id, self.address or "-", text)
+        self.protocol.close(text)
         await self._try_send(self.protocol.data_to_send())
         raise _ConnectionLost
 
@@ -299,7 +360,7 @@ class Session:
     async def _send(self, data: bytes) -> None:
         # A client that stops reading counts as idle, too.
         self._replying = True
-        with trio.move_on_after(self._idle_timeout()) as scope:
+        with trio.move_on_at(self._deadline()[0]) as scope:
             try:
                 await self.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -328,17 +389,17 @@ class Session:
         context = self.settings.tls_context
         assert context is not None
         stream = trio.SSLStream(self.stream, context, server_side=True)
-        with trio.move_on_after(min(HANDSHAKE_TIMEOUT, self._idle_timeout())) as scope:
+        with trio.move_on_at(min(trio.current_time() + HANDSHAKE_TIMEOUT, self._deadline()[0])) as scope:
             try:
                 await stream.do_handshake()
             except trio.BrokenResourceError as exc:
                 self._stats.tls_failures += 1
                 reason = exc.__cause__ if isinstance(exc.__cause__, ssl.SSLError) else exc
-                log.info("session %s: TLS handshake failed: %s", self.conn_id, reason)
+                log.info("session %s from %s: TLS handshake failed: %s", self.conn_id, self.address or "-", reason)
                 raise _ConnectionLost from exc
         if scope.cancelled_caught:
             self._stats.tls_failures += 1
-            log.info("session %s: TLS handshake timed out", self.conn_id)
+            log.info("session %s from %s: TLS handshake timed out", self.conn_id, self.address or "-")
             raise _ConnectionLost
         self.stream = stream
         self._tls_pending = False
@@ -357,7 +418,8 @@ class Session:
             if isinstance(event, Authenticate):
                 await self._authenticate(event)
             elif isinstance(event, LoginRejected):
-                await self._login_failed(event.mechanism, "-", trio.current_time(), why=event.reason)
+                started = trio.current_time()
+                await self._login_failed(event.mechanism, "", started, self._penalty(""), why=event.reason)
             elif isinstance(event, Retrieve):
                 await self._retrieve(event)
             elif isinstance(event, ListUids):
@@ -366,8 +428,13 @@ class Session:
                 await self._update(event)
         except (_ConnectionLost, trio.Cancelled):
             raise
+        except MailboxUnavailable as exc:
+            # Permanent, and said in the message: one line, no traceback.
+            log.error("session %s from %s: %s failed: %s", self.conn_id, self.address or "-", type(event).__name__, exc)
+            self._stats.errors += 1
+            self.protocol.command_failed(event, permanent=True)
         except Exception:
-            log.exception("session %s: %s failed", self.conn_id, type(event).__name__)
+            log.exception("session %s from %s: %s failed", self.conn_id, self.address or "-", type(event).__name__)
             self._stats.errors += 1
             self.protocol.command_failed(event)
 
@@ -375,20 +442,28 @@ class Session:
 
     async def _authenticate(self, event: Authenticate) -> None:
         proto = self.protocol
-        auth = self.settings.auth
+        settings = self.settings
+        auth = settings.auth
         started = trio.current_time()
+        # Asked before the check: right or wrong, the answer waits as long.
+        penalty = self._penalty(event.user)
         entry = await auth.lookup(event.user) if auth is not None else None
         if entry is None or not await _secret_matches(event.credentials, entry[0]):
-            await self._login_failed(event.mechanism, event.user, started)
+            await self._login_failed(event.mechanism, event.user, started, penalty)
+            return
+        if settings.penalties is not None:
+            settings.penalties.succeeded(self.address, event.user)
+        await trio.sleep_until(started + penalty)
+        if self._over_userip_limit(event.user):
+            self._refuse_login(event, LoginFailure.USER_CONNECTIONS)
             return
         mailbox = entry[1]
-        storage = self.settings.storage
+        storage = settings.storage
         if storage is None:
             sizes: list[int] = []  # no storage: every mailbox is empty
         else:
             if not await storage.lock(mailbox):
-                self._stats.logins[event.mechanism, "failed"] += 1
-                proto.login_failed(LoginFailure.IN_USE)
+                self._refuse_login(event, LoginFailure.IN_USE)
                 return
             self.mailbox, self.storage = mailbox, storage
             try:
@@ -401,17 +476,55 @@ class Session:
                 raise
         self.mailbox = mailbox
         self._stats.logins[event.mechanism, "ok"] += 1
-        log.info("session %s: %s logged in (%s), %d messages", self.conn_id, event.user, event.mechanism, len(sizes))
+        log.info(
+            "session %s from %s: %s logged in (%s), %d messages",
+            self.conn_id,
+            self.address or "-",
+            _printable(event.user),
+            event.mechanism,
+            len(sizes),
+        )
         proto.login_succeeded(sizes)
 
-    async def _login_failed(self, mechanism: str, user: str, started: float, *, why: str = "") -> None:
-        """Count and log a failed login, then answer it at ``started`` + the failure delay."""
-        log.info("session %s: login failed for %r (%s)%s", self.conn_id, user, mechanism, f": {why}" if why else "")
+    def _penalty(self, user: str) -> float:
+        penalties = self.settings.penalties
+        delay = penalties.delay(self.address, user) if penalties is not None else 0.0
+        if delay:
+            self._stats.logins_delayed += 1
+        return delay
+
+    def _over_userip_limit(self, user: str) -> bool:
+        limit, count = self.settings.max_userip_connections, self.settings.sessions_of
+        return bool(limit) and count is not None and count(user, self.address) >= limit
+
+    def _refuse_login(self, event: Authenticate, reason: LoginFailure) -> None:
+        log.info(
+            "session %s from %s: login of %s refused: %s",
+            self.conn_id,
+            self.address or "-",
+            _printable(event.user),
+            reason.value,
+        )
+        self._stats.logins[event.mechanism, "failed"] += 1
+        self.protocol.login_failed(reason)
+
+    async def _login_failed(self, mechanism: str, user: str, started: float, penalty: float, *, why: str = "") -> None:
+        """Count, log and penalise a failed login; answer it after the failure delay or the penalty."""
+        log.info(
+            "session %s from %s: login failed for %s (%s)%s",
+            self.conn_id,
+            self.address or "-",
+            _printable(user) or "-",
+            mechanism,
+            f": {why}" if why else "",
+        )
         self._stats.logins[mechanism, "failed"] += 1
+        if self.settings.penalties is not None:
+            self.settings.penalties.failed(self.address, user)
         # Every failure is answered at the same time after the command, so the
         # time does not tell an unknown user (no hash checked) from a wrong
         # password or a broken AUTH exchange, and guessing is slow.
-        await trio.sleep_until(started + self.settings.login_failure_delay)
+        await trio.sleep_until(started + max(self.settings.login_failure_delay, penalty))
         self.protocol.login_failed(LoginFailure.BAD_CREDENTIALS)
 
     async def _retrieve(self, event: Retrieve) -> None:

@@ -24,6 +24,11 @@ class ServerStats:
     tls_failures: int = 0
     #: Login attempts by (mechanism, "ok" or "failed"); mechanism is user, apop, plain, login.
     logins: Counter[tuple[str, str]] = field(default_factory=Counter)
+    #: Login attempts whose answer a penalty held back.
+    logins_delayed: int = 0
+    #: Connections refused at the limits, and connections closed to make room (evicted).
+    refused: int = 0
+    evicted: int = 0
     messages_retrieved: int = 0
     bytes_retrieved: int = 0
     messages_deleted: int = 0

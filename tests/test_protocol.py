@@ -209,6 +209,19 @@ CASES: list[tuple[str, bytes, bytes]] = [
         b"H\x01\xffLO\r\n",
         err(replies.UNKNOWN_COMMAND.format(command="H??LO")),
     ),
+    # Keywords are ASCII and arguments are separated by spaces only.
+    (
+        "a long s is not an s, a dotless i not an i",
+        "\u017ftat\r\nqu\u0131t\r\n".encode(),
+        err(replies.UNKNOWN_COMMAND.format(command="?tat")) + err(replies.UNKNOWN_COMMAND.format(command="qu?t")),
+    ),
+    ("a tab does not separate", b"USER\talice\r\n", err(replies.UNKNOWN_COMMAND.format(command="USER?ALICE"))),
+    (
+        "a no-break space is part of the argument",
+        LOGIN + "LIST\u00a02\r\nLIST 2\u00a0\r\n".encode(),
+        LOGGED_IN + err(replies.UNKNOWN_COMMAND.format(command="LIST?2")) + bad_args("LIST"),
+    ),
+    ("several spaces still separate", LOGIN + b"LIST  2\r\n", LOGGED_IN + ok(f"2 {SIZES[1]}")),
     *[
         (f"{cmd} before login", f"{cmd}\r\n".encode(), err(replies.NOT_AUTHENTICATED))
         for cmd in ("STAT", "LIST", "RETR 1", "DELE 1", "NOOP", "RSET", "TOP 1 1", "UIDL")

@@ -293,7 +293,9 @@ async def test_client_closing_without_quit(server: pop3d.Server, storage: pop3d.
     assert len(storage.messages("alice")) == 3
 
 
-async def test_passwords_never_logged(server: pop3d.Server, caplog: pytest.LogCaptureFixture) -> None:
+async def test_passwords_never_logged(
+    server: pop3d.Server, caplog: pytest.LogCaptureFixture, autojump_clock: object
+) -> None:
     caplog.set_level(logging.DEBUG, logger="pop3d")
     client = connect(server)
     await client.read_line()
@@ -579,7 +581,7 @@ async def test_one_failing_connection_does_not_stop_the_others(
     assert await good.command("STAT") == b"+OK 3 %d\r\n" % TOTAL
 
 
-async def test_stats_count_what_happened(server: pop3d.Server) -> None:
+async def test_stats_count_what_happened(server: pop3d.Server, autojump_clock: object) -> None:
     client = connect(server)
     await client.read_line()
     assert (await client.login("alice", "nope")).startswith(b"-ERR")
@@ -688,17 +690,19 @@ async def test_connection_limits(server: pop3d.Server) -> None:
     assert await same_address.at_eof()
     second = connect(server, ("198.51.100.2", 1))
     assert (await second.read_line()).startswith(b"+OK")
+    # Full: the oldest connection that has not logged in makes room.
     third = connect(server, ("198.51.100.3", 1))
-    assert await third.read_line() == replies.err(replies.TOO_MANY_CONNECTIONS)
-    await first.command("QUIT")
-    await first.at_eof()
-    await wait_until(lambda: len(server.conn_list()) == 1)
+    assert (await third.read_line()).startswith(b"+OK")
+    assert await first.read_line() == replies.err(replies.TOO_MANY_CONNECTIONS)
+    assert await first.at_eof()
+    await wait_until(lambda: len(server.conn_list()) == 2)
     again = connect(server, ("198.51.100.1", 3))
     assert (await again.read_line()).startswith(b"+OK")
+    assert server.stats.evicted == 2 and server.stats.refused == 1
 
 
 async def test_failed_logins_take_the_same_time(server: pop3d.Server, autojump_clock: object) -> None:
-    server.configure(login_failure_delay=2)
+    server.configure(login_failure_delay=2, penalties=None)  # penalties have tests of their own
     client = connect(server)
     await client.read_line()
     for user in ("alice", "nobody"):

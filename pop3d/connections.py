@@ -1,0 +1,135 @@
+"""A server's open connections, and the limits that decide who gets in.
+
+Like Dovecot's login processes: the limits bear hardest on connections that
+have not logged in, which cost nothing to open.
+
+- ``max_connections`` in all.  When it is reached, the oldest connection that
+  has not logged in makes room for the newcomer; a logged-in session is
+  never pushed out.  Only when every connection is logged in is the newcomer
+  refused.
+- ``max_connections_per_ip`` counts the connections from one address that
+  have not logged in, so that one host cannot fill the table with silent
+  connections, while many users behind one address (a NAT, a webmail
+  front end) all get in.
+- ``max_userip_connections`` counts the logged-in sessions of one user from
+  one address (Dovecot's ``mail_max_userip_connections``).
+
+No I/O here: :class:`ConnectionTable` only keeps count and answers; the
+server closes and refuses.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+__all__ = ["Admission", "ConnectionTable", "Tracked", "Verdict"]
+
+
+class Tracked(Protocol):
+    """What the table needs to know of a session."""
+
+    @property
+    def address(self) -> str:
+        """The client's address (the real one, behind a PROXY header)."""
+        ...
+
+    @property
+    def logged_in(self) -> bool:
+        """Whether the session is past AUTHORIZATION."""
+        ...
+
+    @property
+    def user(self) -> str:
+        """The user it logged in as (empty before)."""
+        ...
+
+    @property
+    def closing(self) -> bool:
+        """Whether it was told to close and has not finished yet."""
+        ...
+
+
+T = TypeVar("T", bound=Tracked)
+
+
+class Verdict(enum.Enum):
+    """What to do with a newcomer."""
+
+    ADMIT = "admit"
+    ADMIT_AFTER_EVICTING = "evict"  # close ``Admission.evict`` first
+    REFUSE_FULL = "full"  # every connection is logged in
+    REFUSE_ADDRESS = "address"  # too many from its address that have not logged in
+
+
+@dataclass(frozen=True)
+class Admission(Generic[T]):
+    """The table's answer to a newcomer."""
+
+    verdict: Verdict
+    evict: T | None = None
+
+
+class ConnectionTable(Generic[T]):
+    """The open connections of one server, in the order they came."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, T] = {}  # insertion order: oldest first
+        self._by_address: dict[str, dict[str, T]] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __iter__(self) -> Iterator[T]:
+        return iter(list(self._by_id.values()))
+
+    def ids(self) -> list[str]:
+        """The ids of the open connections, oldest first."""
+        return list(self._by_id)
+
+    def get(self, conn_id: str) -> T | None:
+        """The connection ``conn_id``, if it is open."""
+        return self._by_id.get(conn_id)
+
+    def add(self, conn_id: str, session: T) -> None:
+        """Count a new connection."""
+        self._by_id[conn_id] = session
+        self._by_address.setdefault(session.address, {})[conn_id] = session
+
+    def remove(self, conn_id: str) -> None:
+        """Forget a connection that has ended."""
+        session = self._by_id.pop(conn_id, None)
+        if session is None:
+            return
+        peers = self._by_address.get(session.address)
+        if peers is not None:
+            peers.pop(conn_id, None)
+            if not peers:
+                del self._by_address[session.address]
+
+    def admit(self, address: str, *, max_connections: int, max_per_address: int) -> Admission[T]:
+        """Whether a newcomer from ``address`` gets in, and whom it displaces."""
+        if address and self.waiting_from(address) >= max_per_address:
+            return Admission(Verdict.REFUSE_ADDRESS)
+        if len(self._by_id) < max_connections:
+            return Admission(Verdict.ADMIT)
+        # At the limit, connections already told to close are on their way out: they hold no place.
+        staying = sum(1 for session in self._by_id.values() if not session.closing)
+        if staying < max_connections:
+            return Admission(Verdict.ADMIT)
+        oldest = next((s for s in self._by_id.values() if not s.logged_in and not s.closing), None)
+        if oldest is None:
+            return Admission(Verdict.REFUSE_FULL)
+        return Admission(Verdict.ADMIT_AFTER_EVICTING, oldest)
+
+    def waiting_from(self, address: str) -> int:
+        """Connections from ``address`` that have not logged in (and are not closing)."""
+        peers = self._by_address.get(address, {})
+        return sum(1 for session in peers.values() if not session.logged_in and not session.closing)
+
+    def sessions_of(self, user: str, address: str) -> int:
+        """Logged-in sessions of ``user`` from ``address``."""
+        peers = self._by_address.get(address, {})
+        return sum(1 for session in peers.values() if session.logged_in and session.user == user)

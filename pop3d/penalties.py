@@ -1,0 +1,186 @@
+"""Penalties for failed logins, per client address and per user name.
+
+Like Dovecot's anvil: each failed login adds to the penalty of the client's
+address (an IPv6 client's whole /64, which one host can roam) and of the
+user name it tried.  The next login attempt of either is answered only
+after 2, 4, 8, then at most ``max_delay`` seconds, right or wrong, so that
+the speed of the answer never tells a right guess from a wrong one.  A
+penalty is forgotten after a quiet ``decay`` (an hour), and a successful
+login clears those of its address and user.
+
+No I/O and no event loop: the session asks :meth:`PenaltyBox.delay`, sleeps
+that long itself, and reports the outcome.  Entries are bounded in number,
+the stalest going first, so a botnet cannot grow the table without end.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["DEFAULT_MAX_DELAY", "Penalty", "PenaltyBox", "address_key"]
+
+DEFAULT_MAX_DELAY = 15.0
+FIRST_DELAY = 2.0
+DECAY = 3600.0
+MAX_ENTRIES = 100_000
+MAX_USER = 256
+
+Kind = Literal["address", "user"]
+
+
+def address_key(host: str) -> str | None:
+    """The key a client address is penalised under: IPv4 as it is, IPv6 as its /64.
+
+    An IPv4-mapped IPv6 address counts as IPv4; a host that is not an IP
+    address (a memory stream's ``""``) has no key.
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Penalty:
+    """One penalised address or user, as the admin API lists them."""
+
+    kind: Kind
+    key: str
+    failures: int
+    delay: float  # seconds the next attempt waits
+    last_failure: float  # wall-clock time.time() of the last failure
+
+
+@dataclass
+class _Entry:
+    failures: int
+    last: float  # the box's clock
+    wall: float  # time.time(), for people
+
+
+class PenaltyBox:
+    """Failed logins by address and by user, and the delays they earn.
+
+    One box may serve several servers (``pop3d serve`` shares one between
+    its POP3 and POP3S listeners), so that switching ports gains nothing.
+    ``clock`` is monotonic seconds (tests pass their own).
+    """
+
+    def __init__(
+        self,
+        *,
+        max_delay: float = DEFAULT_MAX_DELAY,
+        decay: float = DECAY,
+        max_entries: int = MAX_ENTRIES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_delay < 0 or decay <= 0 or max_entries < 1:
+            raise ValueError("max_delay must be >= 0, decay > 0 and max_entries >= 1")
+        self.max_delay = max_delay
+        self.decay = decay
+        self._max_entries = max_entries
+        self._clock = clock
+        self._entries: OrderedDict[tuple[Kind, str], _Entry] = OrderedDict()
+
+    def describe(self) -> str:
+        """What the admin API shows for this box."""
+        return f"penalties: up to {self.max_delay:g} s, {len(self)} entries"
+
+    def __repr__(self) -> str:
+        return f"<PenaltyBox {self.describe()}>"
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    # -- what a session asks and tells --------------------------------------
+
+    def delay(self, address: str, user: str) -> float:
+        """Seconds a login attempt from ``address`` as ``user`` waits before its answer."""
+        return max((self._delay_of(key) for key in self._keys(address, user)), default=0.0)
+
+    def failed(self, address: str, user: str) -> None:
+        """A login from ``address`` as ``user`` failed."""
+        for key in self._keys(address, user):
+            self._add_failure(key)
+
+    def succeeded(self, address: str, user: str) -> None:
+        """A login from ``address`` as ``user`` succeeded: both penalties are cleared."""
+        for key in self._keys(address, user):
+            self._entries.pop(key, None)
+
+    # -- what the admin sees and does -----------------------------------------
+
+    def entries(self) -> list[Penalty]:
+        """The live penalties, worst first."""
+        self._expire()
+        out = [
+            Penalty(
+                kind=kind,
+                key=key,
+                failures=entry.failures,
+                delay=self._delay_for(entry.failures),
+                last_failure=entry.wall,
+            )
+            for (kind, key), entry in self._entries.items()
+        ]
+        return sorted(out, key=lambda penalty: (-penalty.failures, penalty.kind, penalty.key))
+
+    def clear(self, kind: Kind, key: str) -> bool:
+        """Forget one penalty; ``key`` may be any address of a penalised /64.  Whether there was one."""
+        key = (address_key(key) or key) if kind == "address" else key[:MAX_USER]
+        return self._entries.pop((kind, key), None) is not None
+
+    # -- inside ----------------------------------------------------------------
+
+    def _keys(self, address: str, user: str) -> list[tuple[Kind, str]]:
+        keys: list[tuple[Kind, str]] = []
+        if (key := address_key(address)) is not None:
+            keys.append(("address", key))
+        if user:
+            keys.append(("user", user[:MAX_USER]))  # a key, not a store of what clients send
+        return keys
+
+    def _delay_for(self, failures: int) -> float:
+        if failures <= 0:
+            return 0.0
+        # 2, 4, 8, ... capped; the exponent is bounded so that the float never overflows.
+        return min(FIRST_DELAY * 2.0 ** min(failures - 1, 64), self.max_delay)
+
+    def _delay_of(self, key: tuple[Kind, str]) -> float:
+        entry = self._entries.get(key)
+        if entry is None:
+            return 0.0
+        if self._clock() - entry.last >= self.decay:
+            del self._entries[key]
+            return 0.0
+        return self._delay_for(entry.failures)
+
+    def _add_failure(self, key: tuple[Kind, str]) -> None:
+        now = self._clock()
+        entry = self._entries.get(key)
+        if entry is None or now - entry.last >= self.decay:
+            entry = _Entry(failures=0, last=now, wall=0.0)
+        entry.failures += 1
+        entry.last, entry.wall = now, time.time()
+        self._entries[key] = entry
+        self._entries.move_to_end(key)  # the stalest stay at the front
+        while len(self._entries) > self._max_entries:
+            self._entries.popitem(last=False)
+
+    def _expire(self) -> None:
+        now = self._clock()
+        while self._entries:
+            key, entry = next(iter(self._entries.items()))
+            if now - entry.last < self.decay:
+                break
+            del self._entries[key]
