@@ -130,6 +130,11 @@ async def _http_error(error: HTTPException) -> Response:
     return error_response(status, error.description or error.name, headers=headers)
 
 
+async def _too_deep(error: RecursionError) -> Response:
+    # The JSON decoder recurses per level: a body of a thousand "[" is a bad request, not a 500.
+    return error_response(400, "the request body is nested too deeply")
+
+
 async def _unexpected(error: Exception) -> Response:
     log.error("admin API: unexpected error", exc_info=error)
     return error_response(500, "internal error; see the server log")
@@ -143,4 +148,5 @@ def install_error_handlers(app: Quart) -> None:
     app.register_error_handler(OptionError, _option_error)
     app.register_error_handler(RequestSchemaValidationError, _schema_error)
     app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(RecursionError, _too_deep)
     app.register_error_handler(Exception, _unexpected)

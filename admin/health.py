@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
-__all__ = ["Listening", "not_listening"]
+__all__ = ["Listening", "not_listening", "serving"]
 
 
 class Listening(Protocol):
@@ -28,3 +28,8 @@ def not_listening(servers: Mapping[str, Listening]) -> list[str]:
     count; with none up, everything is ready.
     """
     return sorted(name for name, server in servers.items() if server.state == "up" and not server.addresses())
+
+
+def serving(servers: Mapping[str, Listening]) -> list[str]:
+    """The names of the servers that are up and listening: those that take clients now."""
+    return sorted(name for name, server in servers.items() if server.state == "up" and server.addresses())

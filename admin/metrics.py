@@ -10,6 +10,7 @@ many apps.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from itertools import product
 
@@ -28,6 +29,32 @@ __all__ = ["LOGIN_MECHANISMS", "ServerCollector", "new_registry", "render"]
 LOGIN_MECHANISMS = ("user", "apop", *(mechanism.name.lower() for mechanism in MECHANISMS))
 
 
+Family = GaugeMetricFamily | CounterMetricFamily
+
+# Families with one sample per server, read off the server: (name, help, type, reader).
+_PER_SERVER: tuple[tuple[str, str, type[Family], Callable[[Server], float]], ...] = (
+    ("pop3d_server_up", "Whether the server is listening (1) or not (0).", GaugeMetricFamily,
+     lambda server: 1 if server.state == "up" else 0),
+    ("pop3d_connections_open", "Open POP3 connections.", GaugeMetricFamily, lambda server: len(server.conn_list())),
+    ("pop3d_sessions", "POP3 sessions begun.", CounterMetricFamily, lambda server: server.stats.sessions),
+    ("pop3d_tls_handshake_failures", "TLS handshakes that failed or timed out.", CounterMetricFamily,
+     lambda server: server.stats.tls_failures),
+    ("pop3d_messages_retrieved", "Messages sent whole by RETR.", CounterMetricFamily,
+     lambda server: server.stats.messages_retrieved),
+    ("pop3d_retrieved_bytes", "Octets of the messages sent by RETR.", CounterMetricFamily,
+     lambda server: server.stats.bytes_retrieved),
+    ("pop3d_messages_deleted", "Messages deleted at QUIT.", CounterMetricFamily,
+     lambda server: server.stats.messages_deleted),
+    ("pop3d_errors", "Callback failures answered with -ERR.", CounterMetricFamily, lambda server: server.stats.errors),
+    ("pop3d_logins_delayed", "Login attempts whose answer a guessing penalty held back.", CounterMetricFamily,
+     lambda server: server.stats.logins_delayed),
+    ("pop3d_connections_refused", "Connections refused at the limits.", CounterMetricFamily,
+     lambda server: server.stats.refused),
+    ("pop3d_connections_evicted", "Connections not logged in, closed to make room for newcomers at the limit.",
+     CounterMetricFamily, lambda server: server.stats.evicted),
+)  # fmt: skip
+
+
 class ServerCollector:
     """A Prometheus collector over the servers that ``servers()`` returns (all, by default)."""
 
@@ -36,59 +63,45 @@ class ServerCollector:
 
     def describe(self) -> Iterable[Metric]:
         """The metric families, without samples (for the registry's name check)."""
-        return self._families()
+        return self._collect({})
 
     def collect(self) -> Iterable[Metric]:
         """One sample per server in each family, read now."""
-        families = self._families()
-        up, conns, sessions, ended, tls_failures, logins, commands, retrieved, retrieved_bytes, deleted, errors = (
-            families
+        return self._collect(self._servers())
+
+    def _collect(self, servers: Mapping[str, Server]) -> list[Family]:
+        simple = [kind(name, text, labels=["server"]) for name, text, kind, _ in _PER_SERVER]
+        ended = CounterMetricFamily(
+            "pop3d_sessions_ended",
+            "POP3 sessions ended, by whether they were encrypted (POP3S or STLS).",
+            labels=["server", "tls"],
         )
-        for name, server in sorted(self._servers().items()):
+        logins = CounterMetricFamily(
+            "pop3d_logins",
+            "Login attempts, by mechanism (user, apop, plain, login) and result (ok or failed).",
+            labels=["server", "mechanism", "result"],
+        )
+        commands = CounterMetricFamily(
+            "pop3d_commands", "POP3 commands received, by keyword.", labels=["server", "command"]
+        )
+        penalties = GaugeMetricFamily("pop3d_penalties", "Penalised client addresses and user names.", labels=["kind"])
+        for name, server in sorted(servers.items()):
+            for family, (_, _, _, read) in zip(simple, _PER_SERVER, strict=True):
+                family.add_metric([name], read(server))
             stats = server.stats
-            up.add_metric([name], 1 if server.state == "up" else 0)
-            conns.add_metric([name], len(server.conn_list()))
-            sessions.add_metric([name], stats.sessions)
             for tls in (True, False):
                 ended.add_metric([name, "true" if tls else "false"], stats.sessions_ended[tls])
-            tls_failures.add_metric([name], stats.tls_failures)
             # Every known mechanism from the start, so that a dashboard sees 0, not no series.
             for mechanism, result in sorted({*product(LOGIN_MECHANISMS, ("ok", "failed")), *stats.logins}):
                 logins.add_metric([name, mechanism, result], stats.logins[mechanism, result])
             for command, count in sorted(stats.commands.items()):
                 commands.add_metric([name, command], count)
-            retrieved.add_metric([name], stats.messages_retrieved)
-            retrieved_bytes.add_metric([name], stats.bytes_retrieved)
-            deleted.add_metric([name], stats.messages_deleted)
-            errors.add_metric([name], stats.errors)
-        return families
-
-    @staticmethod
-    def _families() -> list[GaugeMetricFamily | CounterMetricFamily]:
-        server = ["server"]
-        return [
-            GaugeMetricFamily("pop3d_server_up", "Whether the server is listening (1) or not (0).", labels=server),
-            GaugeMetricFamily("pop3d_connections_open", "Open POP3 connections.", labels=server),
-            CounterMetricFamily("pop3d_sessions", "POP3 sessions begun.", labels=server),
-            CounterMetricFamily(
-                "pop3d_sessions_ended",
-                "POP3 sessions ended, by whether they were encrypted (POP3S or STLS).",
-                labels=[*server, "tls"],
-            ),
-            CounterMetricFamily(
-                "pop3d_tls_handshake_failures", "TLS handshakes that failed or timed out.", labels=server
-            ),
-            CounterMetricFamily(
-                "pop3d_logins",
-                "Login attempts, by mechanism (user, apop, plain, login) and result (ok or failed).",
-                labels=[*server, "mechanism", "result"],
-            ),
-            CounterMetricFamily("pop3d_commands", "POP3 commands received, by keyword.", labels=[*server, "command"]),
-            CounterMetricFamily("pop3d_messages_retrieved", "Messages sent whole by RETR.", labels=server),
-            CounterMetricFamily("pop3d_retrieved_bytes", "Octets of the messages sent by RETR.", labels=server),
-            CounterMetricFamily("pop3d_messages_deleted", "Messages deleted at QUIT.", labels=server),
-            CounterMetricFamily("pop3d_errors", "Callback failures answered with -ERR.", labels=server),
-        ]
+        # A box may serve several servers (pop3d serve shares one): each counts once.
+        boxes = {id(box): box for server in servers.values() if (box := server.options.penalties) is not None}
+        kinds = Counter(entry.kind for box in boxes.values() for entry in box.entries())
+        for kind in ("address", "user"):
+            penalties.add_metric([kind], kinds[kind])
+        return [*simple, ended, logins, commands, penalties]
 
 
 def new_registry(servers: Callable[[], Mapping[str, Server]] = pop3d.servers) -> CollectorRegistry:

@@ -32,6 +32,8 @@ __all__ = [
     "Health",
     "KickQuery",
     "OptionValue",
+    "PenaltyList",
+    "PenaltyView",
     "Readiness",
     "ServerList",
     "ServerSummary",
@@ -287,7 +289,24 @@ class Health(BaseModel):
 
 
 class Readiness(BaseModel):
-    """Whether every server that should be listening is."""
+    """Whether the process takes POP3 clients: some server listens, and every one that should does."""
 
     ready: bool
+    serving: list[str] = Field(description="Servers that are up and listening.")
     not_listening: list[str] = Field(description="Servers that are up but have no open listening socket.")
+
+
+class PenaltyView(BaseModel):
+    """One penalised client address (IPv6: its /64) or user name."""
+
+    kind: Literal["address", "user"]
+    key: str = Field(description="The address (or /64), or the user name.")
+    failures: int = Field(description="Failed logins in a row, none of them an hour old.")
+    delay: float = Field(description="Seconds the next login attempt waits for its answer.")
+    last_failure: IsoDatetime
+
+
+class PenaltyList(BaseModel):
+    """Every live penalty, worst first."""
+
+    penalties: list[PenaltyView]

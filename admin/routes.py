@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import cast
+from datetime import UTC, datetime
+from typing import Literal, cast
 
 import trio
 from prometheus_client import CollectorRegistry
@@ -22,11 +23,12 @@ from quart_trio import QuartTrio
 
 import pop3d
 from pop3d.errors import OptionError
+from pop3d.penalties import PenaltyBox
 from pop3d.server import Server
 
 from .access import BearerToken
 from .errors import ApiError
-from .health import not_listening
+from .health import not_listening, serving
 from .metrics import render
 from .models import (
     Closing,
@@ -40,6 +42,8 @@ from .models import (
     Health,
     KickQuery,
     OptionValue,
+    PenaltyList,
+    PenaltyView,
     Readiness,
     ServerList,
     ServerSummary,
@@ -252,6 +256,66 @@ async def healthz() -> Health:
 @validate_response(Readiness, 200)
 @validate_response(Readiness, 503)
 async def readyz() -> tuple[Readiness, int]:
-    """200 if every server that is up has its listening sockets open, else 503 naming the others."""
-    missing = not_listening(pop3d.servers())
-    return Readiness(ready=not missing, not_listening=missing), 503 if missing else 200
+    """200 if some server listens and every one that is up does; else 503 (naming those that do not)."""
+    servers = pop3d.servers()
+    missing, listening = not_listening(servers), serving(servers)
+    ready = bool(listening) and not missing
+    return Readiness(ready=ready, serving=listening, not_listening=missing), 200 if ready else 503
+
+
+# -- penalties ----------------------------------------------------------------
+
+
+def _penalty_boxes() -> list[PenaltyBox]:
+    # pop3d serve shares one box among its servers; count each box once.
+    boxes: dict[int, PenaltyBox] = {}
+    for server in pop3d.servers().values():
+        box = server.options.penalties
+        if box is not None:
+            boxes[id(box)] = box
+    return list(boxes.values())
+
+
+@blueprint.get("/penalties")
+@tag(["penalties"])
+@validate_response(PenaltyList)
+async def list_penalties() -> PenaltyList:
+    """Every penalised client address and user name, worst first."""
+    entries = [entry for box in _penalty_boxes() for entry in box.entries()]
+    entries.sort(key=lambda entry: (-entry.failures, entry.kind, entry.key))
+    return PenaltyList(
+        penalties=[
+            PenaltyView(
+                kind=entry.kind,
+                key=entry.key,
+                failures=entry.failures,
+                delay=entry.delay,
+                last_failure=datetime.fromtimestamp(entry.last_failure, UTC),
+            )
+            for entry in entries
+        ]
+    )
+
+
+async def _clear_penalty(kind: Literal["address", "user"], key: str) -> Response:
+    cleared = [box.clear(kind, key) for box in _penalty_boxes()]
+    if not any(cleared):
+        raise ApiError(404, f"no penalty for {kind} {key!r}")
+    log.info("cleared the penalty of %s %s", kind, key)
+    response = current_app.response_class(status=204)
+    del response.headers["Content-Type"]
+    return response
+
+
+@blueprint.delete("/penalties/users/<path:name>")
+@tag(["penalties"])
+async def clear_user_penalty(name: str) -> Response:
+    """Clear the penalty of a user name (204; 404 if it has none)."""
+    return await _clear_penalty("user", name)
+
+
+@blueprint.delete("/penalties/<path:address>")
+@tag(["penalties"])
+async def clear_address_penalty(address: str) -> Response:
+    """Clear the penalty of an address (any address of a penalised IPv6 /64 will do; 204, or 404)."""
+    return await _clear_penalty("address", address)

@@ -13,7 +13,10 @@ disk or database never blocks the event loop.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+import contextlib
+import functools
+import threading
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import trio
@@ -122,7 +125,8 @@ class _SyncAuth:
         self._target = target
 
     async def lookup(self, name: str) -> tuple[str | HashedPassword, str] | None:
-        result = await trio.to_thread.run_sync(self._target.lookup, name)
+        # A lookup holds nothing: a cancel may leave its thread to finish alone.
+        result = await trio.to_thread.run_sync(self._target.lookup, name, abandon_on_cancel=True)
         return None if result is None else (result[0], result[1])
 
     def __repr__(self) -> str:
@@ -130,46 +134,143 @@ class _SyncAuth:
 
 
 class _SyncStorage:
+    """Runs each call in a worker thread that a cancel abandons: a stop never waits for a slow disk.
+
+    Calls for one mailbox run one at a time, so a call abandoned while it
+    still works (a dele, say) finishes before the mailbox's ``unlock`` or
+    next ``lock`` runs.  A ``lock`` that succeeds after its caller gave up
+    is undone with ``unlock``; a ``get`` result nobody takes is closed.
+    """
+
     def __init__(self, target: Any) -> None:
         self._target = target
+        self._gates: dict[str, tuple[threading.Lock, int]] = {}  # mailbox -> (its lock, threads using it)
+        self._gates_guard = threading.Lock()
+
+    @contextlib.contextmanager
+    def _gate(self, mbox: str) -> Iterator[None]:
+        with self._gates_guard:
+            gate, users = self._gates.get(mbox) or (threading.Lock(), 0)
+            self._gates[mbox] = (gate, users + 1)
+        try:
+            with gate:
+                yield
+        finally:
+            with self._gates_guard:
+                gate, users = self._gates[mbox]
+                if users == 1:
+                    del self._gates[mbox]
+                else:
+                    self._gates[mbox] = (gate, users - 1)
+
+    async def _call(self, mbox: str, method: str, *args: Any, undo: Callable[[Any], object] | None = None) -> Any:
+        """``target.method(mbox, *args)`` in an abandonable thread; ``undo(result)`` if nobody takes the result."""
+        fn = getattr(self._target, method)
+        guard = threading.Lock()
+        abandoned = False
+        handed: list[Any] = []  # the result, once the caller may take it
+
+        def gated_undo(result: Any) -> None:
+            assert undo is not None
+            with self._gate(mbox):
+                undo(result)
+
+        def work() -> Any:
+            with self._gate(mbox):
+                result = fn(mbox, *args)
+                if undo is None:
+                    return result
+                with guard:
+                    if not abandoned:
+                        handed.append(result)
+                        return result
+                undo(result)  # the caller is gone: still under the gate, before any later call
+                return result
+
+        try:
+            return await trio.to_thread.run_sync(work, abandon_on_cancel=True)
+        except BaseException:
+            with guard:
+                abandoned = True
+                orphans = handed[:]
+            for result in orphans:
+                # The thread finished but its result came too late.  Undone in
+                # a thread of its own: no await is possible while cancelled.
+                trio.lowlevel.start_thread_soon(functools.partial(gated_undo, result), lambda outcome: None)
+            raise
 
     async def lock(self, mbox: str) -> bool:
-        return bool(await trio.to_thread.run_sync(self._target.lock, mbox))
+        return bool(await self._call(mbox, "lock", undo=lambda ok: ok and self._target.unlock(mbox)))
 
     async def unlock(self, mbox: str) -> None:
-        await trio.to_thread.run_sync(self._target.unlock, mbox)
+        await self._call(mbox, "unlock")
 
     async def stat(self, mbox: str) -> int:
-        return int(await trio.to_thread.run_sync(self._target.stat, mbox))
+        return int(await self._call(mbox, "stat"))
 
     async def size(self, mbox: str, msg: int | None = None) -> int:
-        return int(await trio.to_thread.run_sync(self._target.size, mbox, msg))
+        return int(await self._call(mbox, "size", msg))
 
     async def get(self, mbox: str, msg: int) -> MessageData:
-        data = await trio.to_thread.run_sync(self._target.get, mbox, msg)
+        data = await self._call(mbox, "get", msg, undo=_close_quietly)
         if isinstance(data, bytes | bytearray | memoryview):
             return bytes(data)
         return _chunks_in_thread(iter(data))
 
     async def dele(self, mbox: str, msgs: Sequence[int]) -> None:
-        await trio.to_thread.run_sync(self._target.dele, mbox, list(msgs))
+        await self._call(mbox, "dele", list(msgs))
 
     async def uidl(self, mbox: str, msg: int) -> str:
-        return str(await trio.to_thread.run_sync(self._target.uidl, mbox, msg))
+        return str(await self._call(mbox, "uidl", msg))
 
     def __repr__(self) -> str:
         return f"sync_storage({self._target!r})"
 
 
+def _close_quietly(data: Any) -> None:
+    # What a sync get() returned, a generator or a file maybe, that nobody will read.
+    close = getattr(data, "close", None)
+    if close is not None:
+        with contextlib.suppress(Exception):
+            close()
+
+
 async def _chunks_in_thread(chunks: Iterable[bytes]) -> AsyncIterator[bytes]:
+    # Each next() runs in a thread that a cancel abandons; the iterator is
+    # closed (in a thread) when we are done, but never while a next() runs.
     iterator = iter(chunks)
     done = object()
-    while True:
-        chunk = await trio.to_thread.run_sync(next, iterator, done)
-        if chunk is done:
-            return
-        assert isinstance(chunk, bytes)
-        yield chunk
+    guard = threading.Lock()
+    busy = finished = False
+
+    def step() -> object:
+        nonlocal busy
+        with guard:
+            if finished:
+                return done  # abandoned before it started
+            busy = True
+        try:
+            return next(iterator, done)
+        finally:
+            with guard:
+                busy = False
+                close = finished
+            if close:
+                _close_quietly(iterator)
+
+    try:
+        while True:
+            chunk = await trio.to_thread.run_sync(step, abandon_on_cancel=True)
+            if chunk is done:
+                return
+            assert isinstance(chunk, bytes)
+            yield chunk
+    finally:
+        with guard:
+            finished = True
+            close = not busy
+        if close:
+            trio.lowlevel.start_thread_soon(functools.partial(_close_quietly, iterator), lambda outcome: None)
 
 
 def sync_auth(target: Any) -> Auth:

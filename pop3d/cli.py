@@ -20,7 +20,7 @@ import trio
 
 from . import __version__
 from .errors import Pop3dError
-from .settings import DEFAULT_ADMIN, DEFAULT_LISTEN, SettingsError, load_settings
+from .settings import DEFAULT_ADMIN, DEFAULT_LISTEN, ServeSettings, SettingsError, load_settings
 
 __all__ = ["main"]
 
@@ -67,6 +67,21 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-level", type=str.lower, choices=["debug", "info", "warning", "error"], help="default info"
     )
+    limits = serve.add_argument_group("limits (defaults in docs/serve.md)")
+    for flag, kind, text in (
+        ("--max-connections", int, "open connections at most (1000)"),
+        ("--max-connections-per-ip", int, "connections not logged in from one address (300)"),
+        ("--max-userip-connections", int, "sessions of one user from one address (10; 0: no limit)"),
+        ("--login-timeout", float, "seconds to log in after connecting (60)"),
+        ("--login-failure-delay", float, "seconds before a failed login is answered (1)"),
+        ("--max-auth-failures", int, "failed logins before a session is closed (3)"),
+        ("--penalty-max", float, "longest penalty wait of a guessing address or user (15)"),
+    ):
+        limits.add_argument(flag, type=kind, metavar="N", help=text)
+    limits.add_argument("--proxy-protocol-from", metavar="CIDRS", help="proxies that send a PROXY header (none)")
+    limits.add_argument("--user", metavar="NAME", help="run as this user once the ports are bound")
+    limits.add_argument("--group", metavar="NAME", help="run with this group (default: the user's)")
+    limits.add_argument("--allow-root", action="store_true", default=None, help="serve mail as root")
 
     user = commands.add_parser("user", help="manage the users of a passwd-file")
     actions = user.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -95,26 +110,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> None:
+    # Every flag is named after its setting; only those given go in, so the
+    # environment and the TOML file still count for the others.
     cli: dict[str, Any] = {
-        key: value
-        for key, value in {
-            "listen": args.listen,
-            "listen_tls": args.listen_tls,
-            "tls_cert": args.tls_cert,
-            "tls_key": args.tls_key,
-            "cleartext_auth_from": args.cleartext_auth_from,
-            "users": args.users,
-            "mail_root": args.mail_root,
-            "hostname": args.hostname,
-            "idle_timeout": args.idle_timeout,
-            "grace_period": args.grace_period,
-            "apop": args.apop,
-            "admin": args.admin,
-            "no_admin": args.no_admin,
-            "admin_token_file": args.admin_token_file,
-            "log_level": args.log_level,
-        }.items()
-        if value is not None
+        key: value for key, value in vars(args).items() if key in ServeSettings.model_fields and value is not None
     }
     settings = load_settings(cli, args.config)
     logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
@@ -134,8 +133,12 @@ def _users_file(args: argparse.Namespace) -> Path:
 
 def _read_password() -> str:
     if sys.stdin.isatty():
-        first = getpass.getpass("New password: ")
-        if getpass.getpass("Again: ") != first:
+        try:
+            first = getpass.getpass("New password: ")
+            again = getpass.getpass("Again: ")
+        except EOFError:  # Ctrl-D at the prompt
+            raise SettingsError("password: none given (end of input); nothing changed") from None
+        if again != first:
             raise SettingsError("password: the two passwords differ")
         password = first
     else:

@@ -21,6 +21,17 @@ A mailbox whose Maildir does not exist is empty.  Nothing is created for it:
 a directory made by this server (often running as root) could have the
 wrong owner for the MTA that later delivers there.  Such a session holds
 only the in-process lock, which is enough as it has nothing to delete.
+
+Faults: a Maildir that cannot be one (a regular file such as an mbox, a
+symlink, a name too long, no permission, a ``pop3d.lock`` that is a
+directory) raises :class:`~pop3d.callbacks.MailboxUnavailable`; a message
+file that cannot be read is left out of the session and logged; anything
+else (too many open files, I/O errors on a directory) is an ordinary
+exception, for a fault that may pass.
+
+Every file operation runs in a worker thread that a cancel abandons, so a
+stopping server never waits for a slow disk; whatever such a thread still
+holds (the lock, an open file) is released when it finishes.
 """
 
 from __future__ import annotations
@@ -34,13 +45,14 @@ import logging
 import os
 import stat
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import trio
 
-from .callbacks import MessageData
+from .callbacks import MailboxUnavailable, MessageData
+from .protocol import valid_uid
 
 __all__ = ["CHUNK_SIZE", "INDEX_NAME", "LOCK_NAME", "MaildirStorage"]
 
@@ -58,15 +70,27 @@ LOCK_NAME = "pop3d.lock"
 _INDEX_FORMAT = 1
 _MEASURE_CHUNK = 1 << 20
 _SUBDIRS = ("new", "cur")
-_UID_MAX = 70  # RFC 1939 section 7
-_OPEN_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+# Sizes in the index: integers that any JSON reader keeps exact; no file is near that big.
+_INDEX_SIZE_LIMIT = 2**53
+# O_NONBLOCK: a FIFO put in place of a message must not block a worker thread forever.
+_OPEN_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# What a Maildir (or its lock file) that is not what it must be gives: trying again will not help.
+_PERMANENT_ERRNOS = frozenset(
+    {errno.ENOTDIR, errno.ELOOP, errno.EISDIR, errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.EROFS}
+)
+# Faults of the process or the machine rather than of one message file: they
+# fail the login (for a retry) instead of hiding a message.
+_PASSING_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS, errno.EAGAIN, errno.EINTR})
+_SHOWN_PATH_MAX = 200  # a path in a one-line message is cut after this many characters
 
 # Maildirs locked by any MaildirStorage of this process (absolute paths).  The
 # flock would refuse a second session too, but a missing Maildir has no lock
 # file, and the explicit set does not depend on flock semantics.
 _held: set[str] = set()
 _held_guard = threading.Lock()
+
+_T = TypeVar("_T")
 
 
 def _check_name(mbox: str) -> None:
@@ -77,14 +101,9 @@ def _check_name(mbox: str) -> None:
         raise ValueError(f"mailbox name not allowed: {mbox!r}")
 
 
-def _uid_ok(uid: str) -> bool:
-    # Printable ASCII without space is exactly 0x21..0x7E.
-    return 0 < len(uid) <= _UID_MAX and uid.isascii() and uid.isprintable() and " " not in uid
-
-
 def _uid_for(key: str) -> str:
     """The UIDL of the message with index key ``key``: the key, or its hash."""
-    if _uid_ok(key):
+    if valid_uid(key):
         return key
     return "sha1-" + hashlib.sha1(os.fsencode(key)).hexdigest()
 
@@ -99,6 +118,86 @@ def _delivery_seconds(unique: str, mtime_ns: int) -> int:
     if head.isascii() and head.isdigit():
         return int(head)
     return mtime_ns // 1_000_000_000
+
+
+def _shown(path: str) -> str:
+    return path if len(path) <= _SHOWN_PATH_MAX else path[:_SHOWN_PATH_MAX] + "..."
+
+
+def _kind(path: str) -> str:
+    """What is at ``path``, for an error message: "a regular file", "a symlink"..."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError as exc:
+        return (exc.strerror or "cannot stat it").lower()
+    if stat.S_ISLNK(mode):
+        return "a symlink (symlinks are not followed)"
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    return "a special file"
+
+
+def _unavailable(path: str, exc: OSError, expected: str) -> MailboxUnavailable:
+    """The one-line :class:`MailboxUnavailable` for ``exc``, raised where ``path`` should be ``expected``."""
+    if exc.errno in (errno.ENOTDIR, errno.ELOOP, errno.EISDIR):
+        return MailboxUnavailable(f"{_shown(path)} is not {expected}: it is {_kind(path)}")
+    return MailboxUnavailable(f"{_shown(path)}: {exc.strerror or exc}")
+
+
+def _release_held(path: str) -> None:
+    with _held_guard:
+        _held.discard(path)
+
+
+class _Handoff(Generic[_T]):
+    """Passes a worker thread's result to a caller that a cancel may have made give up.
+
+    With ``abandon_on_cancel`` the caller stops waiting at once while the
+    thread goes on; what the thread then opens (a lock, a file) must not be
+    lost.  Exactly one side gets the result: the caller, or else ``dispose``,
+    called by whichever side learns last that the caller is gone.
+    """
+
+    def __init__(self, dispose: Callable[[_T], object]) -> None:
+        self._dispose = dispose
+        self._guard = threading.Lock()
+        self._abandoned = False
+        self._handed: list[_T] = []  # the result, once the thread has one and the caller may take it
+
+    def deliver(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """In the worker thread: ``fn(*args)``, handed over, or disposed of if the caller is gone."""
+        result = fn(*args)
+        with self._guard:
+            if not self._abandoned:
+                self._handed.append(result)
+                return result
+        self._dispose(result)
+        return result
+
+    def abandon(self) -> None:
+        """In the caller, as it gives up: dispose of a result the thread already handed over."""
+        with self._guard:
+            self._abandoned = True
+            handed, self._handed = self._handed, []
+        for result in handed:
+            self._dispose(result)
+
+
+async def _run_abandonable(dispose: Callable[[_T], object], fn: Callable[..., _T], *args: Any) -> _T:
+    """``fn(*args)`` in a worker thread that a cancel abandons; ``dispose`` frees a result nobody took."""
+    handoff = _Handoff(dispose)
+    try:
+        return await trio.to_thread.run_sync(handoff.deliver, fn, *args, abandon_on_cancel=True)
+    except BaseException:
+        handoff.abandon()
+        raise
+
+
+def _close_fd(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
 
 
 @dataclass(slots=True)
@@ -117,20 +216,23 @@ class _Dirs:
 
     def close(self) -> None:
         for fd in (*self.subdirs.values(), self.fd):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+            _close_fd(fd)
         self.subdirs = {}
 
 
 def _open_dirs(path: str) -> _Dirs | None:
-    """Open the Maildir at ``path``; ``None`` if it does not exist."""
+    """Open the Maildir at ``path``; ``None`` if it does not exist.
+
+    Raises :class:`MailboxUnavailable` if it, ``new/`` or ``cur/`` is not a
+    directory (a symlink, a regular file) or cannot be opened for good.
+    """
     try:
         fd = os.open(path, _OPEN_DIR)
     except FileNotFoundError:
         return None
     except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise ValueError(f"{path} is not a directory (symlinks are not followed)") from None
+        if exc.errno in _PERMANENT_ERRNOS:
+            raise _unavailable(path, exc, "a Maildir") from None
         raise
     dirs = _Dirs(path, fd, {})
     try:
@@ -140,8 +242,8 @@ def _open_dirs(path: str) -> _Dirs | None:
             except FileNotFoundError:
                 continue
             except OSError as exc:
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise ValueError(f"{path}/{subdir} is not a directory (symlinks are not followed)") from None
+                if exc.errno in _PERMANENT_ERRNOS:
+                    raise _unavailable(os.path.join(path, subdir), exc, "a directory") from None
                 raise
     except BaseException:
         dirs.close()
@@ -153,11 +255,15 @@ def _measure(dirs: _Dirs, subdir: str, name: str) -> tuple[int, int, int]:
     """Read a message file: ``(file size, mtime_ns, canonical size)``.
 
     The canonical size follows :func:`pop3d.message.canonical_size`, counted
-    chunk by chunk so that a big message does not sit in memory.
+    chunk by chunk so that a big message does not sit in memory.  Raises
+    :class:`OSError` if the file is not a regular file (any more).
     """
     fd = os.open(name, _OPEN_READ, dir_fd=dirs.subdirs[subdir])
     try:
         st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            # Replaced by a directory or a FIFO since the listing.
+            raise OSError(errno.EINVAL, "not a regular file")
         length = lf = crlf = 0
         prev_cr = False
         last = 0
@@ -188,15 +294,72 @@ class _Message:
     mtime_ns: int
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Maildrop:
-    """One locked mailbox: the snapshot its session works on."""
+    """One locked mailbox: the snapshot its session works on, and what holds the lock.
 
+    Worker threads use ``dirs`` through :meth:`run`.  A cancel may abandon
+    such a thread (a deletion, say) while it still works; :meth:`unlock`
+    then leaves the release of the lock to the last thread out, so that
+    nobody else gets the mailbox, or a closed descriptor, halfway through.
+    """
+
+    path: str  # the key in _held
     dirs: _Dirs | None  # None: the Maildir does not exist
     lock_fd: int | None
     messages: list[_Message] = field(default_factory=list)
     index: dict[str, list[Any]] = field(default_factory=dict)
     total: int = 0
+    skipped: dict[str, str] = field(default_factory=dict)  # unreadable message path -> why
+    _guard: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _users: int = field(default=0, init=False)  # worker threads in run()
+    _unlocked: bool = field(default=False, init=False)
+
+    def run(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """In a worker thread: ``fn(*args)``, keeping the lock and ``dirs`` open meanwhile."""
+        with self._guard:
+            if self._unlocked:
+                # Abandoned before it started, and the session has ended since.
+                raise RuntimeError(f"maildir {self.path} is not locked any more")
+            self._users += 1
+        try:
+            return fn(*args)
+        finally:
+            with self._guard:
+                self._users -= 1
+                last = self._unlocked and not self._users
+            if last:
+                self._release()
+
+    def unlock(self) -> None:
+        """Release the lock now, or when the last worker thread is done."""
+        with self._guard:
+            if self._unlocked:
+                return
+            self._unlocked = True
+            if self._users:
+                return
+        self._release()
+
+    def _release(self) -> None:
+        try:
+            if self.lock_fd is not None:
+                fd, self.lock_fd = self.lock_fd, None
+                try:
+                    os.close(fd)
+                except OSError as exc:
+                    # Linux frees the descriptor (and so the flock) even then.
+                    log.warning("maildir %s: closing the lock file failed: %s", self.path, exc)
+            if self.dirs is not None:
+                self.dirs.close()
+        finally:
+            # Whatever closing did: a mailbox left in _held would be IN-USE until a restart.
+            _release_held(self.path)
+
+
+def _dispose_drop(drop: _Maildrop | None) -> None:
+    if drop is not None:
+        drop.unlock()
 
 
 def _read_index_file(dirs: _Dirs) -> bytes:
@@ -217,18 +380,40 @@ def _read_index_file(dirs: _Dirs) -> bytes:
         os.close(fd)
 
 
-def _load_index(dirs: _Dirs) -> dict[str, Any]:
+def _entry_ok(entry: object) -> bool:
+    """Whether ``entry`` is an index entry: ``[file size, mtime_ns, canonical size, uid]``."""
+    if type(entry) is not list or len(entry) != 4:
+        return False
+    file_size, mtime, size, uid = entry
+    return (
+        type(file_size) is int
+        and 0 <= file_size < _INDEX_SIZE_LIMIT
+        and type(mtime) is int
+        and -(2**63) <= mtime < 2**63
+        and type(size) is int
+        and 0 <= size < _INDEX_SIZE_LIMIT
+        and type(uid) is str
+        and valid_uid(uid)
+    )
+
+
+def _load_index(dirs: _Dirs) -> dict[str, list[Any]] | None:
+    """The index's entries: empty if there is none, ``None`` if it is damaged (and must be rewritten)."""
     try:
         data = json.loads(_read_index_file(dirs))
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
+        # RecursionError: "[[[[...", nested deeper than the parser goes.
         log.warning("maildir %s: unreadable index, rebuilding: %s", dirs.path, exc)
-        return {}
+        return None
     files = data.get("files") if isinstance(data, dict) and data.get("format") == _INDEX_FORMAT else None
     if not isinstance(files, dict):
         log.warning("maildir %s: index of unknown format, rebuilding", dirs.path)
-        return {}
+        return None
+    if not all(_entry_ok(entry) for entry in files.values()):
+        log.warning("maildir %s: index with malformed entries, rebuilding", dirs.path)
+        return None
     return files
 
 
@@ -274,8 +459,12 @@ def _message_files(dirs: _Dirs) -> Iterator[tuple[str, str, os.stat_result]]:
                 yield subdir, entry.name, st
 
 
-def _scan(dirs: _Dirs) -> tuple[list[_Message], dict[str, list[Any]]]:
-    """List ``new/`` and ``cur/`` in delivery order, using and refreshing the index."""
+def _scan(dirs: _Dirs) -> tuple[list[_Message], dict[str, list[Any]], dict[str, str]]:
+    """List ``new/`` and ``cur/`` in delivery order, using and refreshing the index.
+
+    Returns the messages, the new index, and the message files left out
+    because they cannot be read (path -> why).
+    """
     found: list[tuple[int, str, str, str, int, int]] = []
     for subdir, name, st in _message_files(dirs):
         unique = _unique(name)
@@ -284,24 +473,18 @@ def _scan(dirs: _Dirs) -> tuple[list[_Message], dict[str, list[Any]]]:
     found.sort()
 
     old = _load_index(dirs)
+    changed = old is None  # a damaged index is rewritten even for an empty Maildir
+    old = old or {}
     index: dict[str, list[Any]] = {}
     messages: list[_Message] = []
-    changed = False
+    skipped: dict[str, str] = {}
     for _, unique, subdir, name, file_size, mtime in found:
         # The same unique name twice (a copy, not a rename): give the second
         # its own key so that UIDLs stay unique.
         key = unique if unique not in index else f"{subdir}/{name}"
         uid = _uid_for(key)
-        cached = old.get(key)
-        if (
-            type(cached) is list
-            and len(cached) == 4
-            and cached[0] == file_size
-            and cached[1] == mtime
-            and type(cached[2]) is int
-            and cached[2] >= 0
-            and cached[3] == uid
-        ):
+        cached = old.get(key)  # well-formed, as _load_index checked
+        if cached is not None and cached[0] == file_size and cached[1] == mtime and cached[3] == uid:
             size: int = cached[2]
             index[key] = cached
         else:
@@ -309,37 +492,70 @@ def _scan(dirs: _Dirs) -> tuple[list[_Message], dict[str, list[Any]]]:
                 file_size, mtime, size = _measure(dirs, subdir, name)
             except FileNotFoundError:
                 continue  # deleted by someone else since the scandir
+            except OSError as exc:
+                if exc.errno in _PASSING_ERRNOS:
+                    raise
+                # One bad file (unreadable, replaced by a directory, an I/O
+                # error) must not make the whole mailbox fail: serve the rest.
+                skipped[os.path.join(dirs.path, subdir, name)] = exc.strerror or str(exc)
+                continue
             changed = True
             index[key] = [file_size, mtime, size, uid]
         messages.append(_Message(subdir, name, key, uid, size, file_size, mtime))
     # No misses means every key was in the old index; equal lengths then mean equal sets.
     if changed or len(index) != len(old):
         _write_index(dirs, index)
-    return messages, index
+    return messages, index, skipped
 
 
 def _open_maildrop(path: str) -> _Maildrop | None:
-    """Lock the Maildir at ``path`` and take its snapshot; ``None`` if locked elsewhere."""
+    """Lock the Maildir at ``path`` and take its snapshot; ``None`` if locked elsewhere.
+
+    The caller has put ``path`` in ``_held``; the drop's :meth:`~_Maildrop.unlock` takes it out.
+    """
     dirs = _open_dirs(path)
     if dirs is None:
-        return _Maildrop(None, None)  # no Maildir (or no root): an empty mailbox
+        return _Maildrop(path, None, None)  # no Maildir (or no root): an empty mailbox
     fd = -1
     try:
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(LOCK_NAME, flags, 0o600, dir_fd=dirs.fd)
+        try:
+            fd = os.open(LOCK_NAME, flags, 0o600, dir_fd=dirs.fd)
+        except OSError as exc:
+            if exc.errno in _PERMANENT_ERRNOS:
+                raise _unavailable(os.path.join(path, LOCK_NAME), exc, "a regular file") from None
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             dirs.close()
             return None
-        messages, index = _scan(dirs)
+        messages, index, skipped = _scan(dirs)
     except BaseException:
         if fd >= 0:
-            os.close(fd)
+            _close_fd(fd)
         dirs.close()
         raise
-    return _Maildrop(dirs, fd, messages, index, sum(m.size for m in messages))
+    return _Maildrop(path, dirs, fd, messages, index, sum(m.size for m in messages), skipped)
+
+
+def _lock_maildrop(path: str) -> _Maildrop | None:
+    """In a worker thread: take the in-process lock on ``path``, then the maildrop; ``None`` if locked."""
+    # Added here rather than by the caller: a call abandoned before its
+    # thread started then leaves nothing to release.
+    with _held_guard:
+        if path in _held:
+            return None
+        _held.add(path)
+    try:
+        drop = _open_maildrop(path)
+    except BaseException:
+        _release_held(path)
+        raise
+    if drop is None:
+        _release_held(path)
+    return drop
 
 
 def _find_moved(dirs: _Dirs, msgs: Sequence[_Message]) -> dict[str, tuple[str, str]]:
@@ -358,16 +574,24 @@ def _find_moved(dirs: _Dirs, msgs: Sequence[_Message]) -> dict[str, tuple[str, s
     return moved
 
 
+def _open_regular(dirs: _Dirs, subdir: str, name: str) -> int:
+    fd = os.open(name, _OPEN_READ, dir_fd=dirs.subdirs[subdir])
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", os.path.join(dirs.path, subdir, name))
+    return fd
+
+
 def _open_message(dirs: _Dirs, msg: _Message) -> int:
     try:
-        return os.open(msg.name, _OPEN_READ, dir_fd=dirs.subdirs[msg.subdir])
+        return _open_regular(dirs, msg.subdir, msg.name)
     except FileNotFoundError:
         pass
     where = _find_moved(dirs, [msg]).get(msg.key)
     if where is None:
         raise FileNotFoundError(errno.ENOENT, "message file vanished", os.path.join(dirs.path, msg.subdir, msg.name))
     msg.subdir, msg.name = where
-    return os.open(msg.name, _OPEN_READ, dir_fd=dirs.subdirs[msg.subdir])
+    return _open_regular(dirs, msg.subdir, msg.name)
 
 
 def _delete(drop: _Maildrop, doomed: Sequence[_Message]) -> None:
@@ -400,32 +624,62 @@ def _delete(drop: _Maildrop, doomed: Sequence[_Message]) -> None:
 
 
 class _FileChunks:
-    """The bytes of an open message file, chunk by chunk; reads run in a worker thread."""
+    """The bytes of an open message file, chunk by chunk; reads run in a worker thread.
+
+    A cancel abandons a read in progress.  The descriptor is then closed by
+    that read's thread when it returns, never under it: a number closed
+    early could be reused by another file, which the late read would consume.
+    """
 
     def __init__(self, fd: int, chunk_size: int) -> None:
         self._fd = fd
         self._chunk_size = chunk_size
+        self._guard = threading.Lock()
+        self._reading = False  # a worker thread is (about to be) in os.read
+        self._closed = False
 
     def __aiter__(self) -> _FileChunks:
         return self
 
     async def __anext__(self) -> bytes:
-        if self._fd < 0:
+        if self._closed:
             raise StopAsyncIteration
-        chunk = await trio.to_thread.run_sync(os.read, self._fd, self._chunk_size)
+        try:
+            chunk = await trio.to_thread.run_sync(self._read, abandon_on_cancel=True)
+        except BaseException:
+            self._close()  # a cancelled read leaves the stream at an unknown place
+            raise
         if not chunk:
             self._close()
             raise StopAsyncIteration
         return chunk
+
+    def _read(self) -> bytes:
+        with self._guard:
+            if self._closed:
+                return b""
+            self._reading = True
+        try:
+            return os.read(self._fd, self._chunk_size)
+        finally:
+            with self._guard:
+                self._reading = False
+                close = self._closed  # closed while we read: ours to close
+            if close:
+                _close_fd(self._fd)
 
     async def aclose(self) -> None:
         """Close the file before the end (TOP stops early)."""
         self._close()
 
     def _close(self) -> None:
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            os.close(fd)
+        with self._guard:
+            if self._closed:
+                return
+            self._closed = True
+            if self._reading:
+                return  # the reading thread closes it when its read returns
+        os.close(self._fd)
 
     def __del__(self) -> None:
         # Whoever iterates may drop us without aclose(); do not leak the descriptor.
@@ -442,7 +696,11 @@ class MaildirStorage:
     until :meth:`unlock`, and needs the lock.  UIDLs are the unique names
     (the part before ``:``), or ``sha1-`` and their hash if those are not
     valid UIDLs.  A mailbox name that could leave ``root`` (empty, starting
-    with ``.``, with ``/`` or NUL) raises :class:`ValueError`.
+    with ``.``, with ``/`` or NUL) raises :class:`ValueError`; a Maildir
+    that cannot be served (a regular file, a symlink...) raises
+    :class:`~pop3d.callbacks.MailboxUnavailable`.  A message file that
+    cannot be read is left out of the snapshot, with one warning while it
+    stays so.
 
     Dovecot's ``,S=`` and ``,W=`` name fields are not used: ``W=`` does not
     count the CRLF added to a message without a final line end, and the
@@ -455,6 +713,8 @@ class MaildirStorage:
         self._root = os.path.abspath(os.fspath(root))
         self._chunk_size = chunk_size
         self._drops: dict[str, _Maildrop] = {}
+        # Unreadable message files already logged, by mailbox: logged again only after they were fine.
+        self._skipped: dict[str, set[str]] = {}
 
     @property
     def root(self) -> str:
@@ -495,39 +755,39 @@ class MaildirStorage:
         """Lock ``mbox`` and number its messages; ``False`` if a session holds it.
 
         The lock holds against sessions of this process and, through
-        ``flock`` on ``pop3d.lock``, of other processes.
+        ``flock`` on ``pop3d.lock``, of other processes.  If a cancel
+        abandons the call, the lock is released when its thread is done.
         """
         path = self.path(mbox)
         with _held_guard:
             if path in _held:
-                return False
-            _held.add(path)
-        try:
-            drop = await trio.to_thread.run_sync(_open_maildrop, path)
-        except BaseException:
-            with _held_guard:
-                _held.discard(path)
-            raise
+                return False  # the common refusal, without a thread
+        drop = await _run_abandonable(_dispose_drop, _lock_maildrop, path)
         if drop is None:
-            with _held_guard:
-                _held.discard(path)
             return False
         self._drops[mbox] = drop
+        self._log_skipped(mbox, drop.skipped)
         return True
 
+    def _log_skipped(self, mbox: str, skipped: dict[str, str]) -> None:
+        logged = self._skipped.pop(mbox, set())
+        for path, why in skipped.items():
+            if path not in logged:
+                log.warning("maildir: message file %s skipped: %s", _shown(path), why)
+        if skipped:
+            self._skipped[mbox] = set(skipped)
+
     async def unlock(self, mbox: str) -> None:
-        """Release the lock on ``mbox`` (nothing if this storage does not hold it)."""
-        path = self.path(mbox)
+        """Release the lock on ``mbox`` (nothing if this storage does not hold it).
+
+        Should a deletion abandoned by a cancel still run, the lock is
+        released when it is done.
+        """
+        self.path(mbox)  # the name check
         drop = self._drops.pop(mbox, None)
-        if drop is None:
-            return
-        # Closed here rather than in a thread: a cancel must not leave the lock held.
-        if drop.lock_fd is not None:
-            os.close(drop.lock_fd)
-        if drop.dirs is not None:
-            drop.dirs.close()
-        with _held_guard:
-            _held.discard(path)
+        if drop is not None:
+            # Here rather than in a thread: a cancel must not leave the lock held.
+            drop.unlock()
 
     async def stat(self, mbox: str) -> int:
         """The number of messages in the snapshot."""
@@ -549,16 +809,20 @@ class MaildirStorage:
         Raises :class:`FileNotFoundError` if the file is gone (deleted by
         another program since the snapshot).
         """
-        dirs = self._drop(mbox).dirs
+        drop = self._drop(mbox)
         message = self._message(mbox, msg)
-        if dirs is None:
+        if drop.dirs is None:
             raise RuntimeError(f"mailbox {mbox!r} has no Maildir")  # unreachable: it has no messages
-        fd = await trio.to_thread.run_sync(_open_message, dirs, message)
+        fd = await _run_abandonable(_close_fd, drop.run, _open_message, drop.dirs, message)
         return _FileChunks(fd, self._chunk_size)
 
     async def dele(self, mbox: str, msgs: Sequence[int]) -> None:
-        """Delete the files of messages ``msgs``; one already gone is no error."""
+        """Delete the files of messages ``msgs``; one already gone is no error.
+
+        A cancel abandons the call but not the deletion: its thread unlinks
+        every file and writes the index, and the lock is held until then.
+        """
         drop = self._drop(mbox)
         doomed = [self._message(mbox, n) for n in sorted(set(msgs))]
         if doomed:
-            await trio.to_thread.run_sync(_delete, drop, doomed)
+            await trio.to_thread.run_sync(drop.run, _delete, drop, doomed, abandon_on_cancel=True)

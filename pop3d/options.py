@@ -21,9 +21,13 @@ from .networks import LOOPBACK, parse_networks
 from .penalties import PenaltyBox
 from .tls import check_context
 
-__all__ = ["READ_ONLY", "ServerOptions", "validate_options"]
+__all__ = ["HOSTNAME_PATTERN", "MAX_HOSTNAME", "READ_ONLY", "Networks", "ServerOptions", "validate_options"]
 
 READ_ONLY = ("state",)
+
+HOSTNAME_PATTERN = r"^[A-Za-z0-9.\-_\[\]:]+$"
+# Twice in the greeting (the host and the APOP challenge): within RFC 2449's 512 octets.
+MAX_HOSTNAME = 200
 
 
 class _Conflict(ValueError):
@@ -51,9 +55,8 @@ class ServerOptions(BaseModel):
     hostname: str = Field(
         default_factory=socket.gethostname,
         min_length=1,
-        # Twice in the greeting (the host and the APOP challenge): within RFC 2449's 512 octets.
-        max_length=200,
-        pattern=r"^[A-Za-z0-9.\-_\[\]:]+$",
+        max_length=MAX_HOSTNAME,
+        pattern=HOSTNAME_PATTERN,
         description="Host name in the greeting and the APOP challenge.",
     )
     idle_timeout: float = Field(

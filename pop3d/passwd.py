@@ -18,6 +18,7 @@ same moment do not tear the file, but the later one wins.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import stat
@@ -32,6 +33,7 @@ from .passwords import DEFAULT_SCHEME, HASH_SCHEMES, StoredPassword, hash_passwo
 
 __all__ = [
     "PasswdFile",
+    "PasswdFileError",
     "UserError",
     "add_user",
     "list_users",
@@ -51,6 +53,10 @@ _FORBIDDEN_IN_NAME = frozenset("/\\:\0")
 
 class UserError(Pop3dError, ValueError):
     """An edit of the passwd-file is refused: the user exists, or does not, or a bad name or password."""
+
+
+class PasswdFileError(Pop3dError):
+    """The passwd-file cannot be read when :class:`PasswdFile` is made: a directory, say, or no permission."""
 
 
 def valid_user_name(name: str) -> bool:
@@ -117,17 +123,26 @@ class PasswdFile:
 
     ``lookup(name)`` gives ``(password, name)``: the mailbox is the user
     name.  The password is a ``str`` for PLAIN entries (so APOP works) and
-    a :class:`~pop3d.passwords.StoredPassword` otherwise.  Each lookup stats
-    the file; when its mtime, size or inode changed, it is re-read in a
-    worker thread.  A missing or unreadable file means no users (logged
-    once).
+    a :class:`~pop3d.passwords.StoredPassword` otherwise.
+
+    The file is read once here, so that a server stops at start rather
+    than serving no one: :class:`PasswdFileError` (one line) if it exists
+    but cannot be read or is not a regular file.  A missing file means no
+    users yet (logged; ``pop3d user add`` creates it).  Then each lookup
+    stats the file; when its mtime, size or inode changed, it is re-read in
+    a worker thread.  A file that becomes missing or unreadable means no
+    users (logged once).
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
-        self._users: dict[str, StoredPassword] = {}
-        self._version: _Version | None = None
         self._loading = trio.Lock()
+        try:
+            self._version, self._users = self._read()
+        except FileNotFoundError as exc:
+            self._version, self._users = self._unreadable(exc)
+        except OSError as exc:
+            raise PasswdFileError(f"passwd-file {self.path}: {exc.strerror or exc}") from None
 
     def describe(self) -> str:
         """``passwd-file:<path>``: what the admin API shows for this callback."""
@@ -155,17 +170,29 @@ class PasswdFile:
         async with self._loading:
             if _version(self.path) == self._version:
                 return  # another login re-read it while we waited
-            self._version, self._users = await trio.to_thread.run_sync(self._load)
+            # A cancel need not wait for the read: nothing is kept from an abandoned one.
+            self._version, self._users = await trio.to_thread.run_sync(self._load, abandon_on_cancel=True)
 
     def _load(self) -> tuple[_Version, dict[str, StoredPassword]]:
         try:
-            with open(self.path, encoding="utf-8", errors="surrogateescape", newline="") as file:
-                # The version of the file actually read, even if it is replaced meanwhile.
-                st = os.fstat(file.fileno())
-                text = file.read()
+            return self._read()
         except OSError as exc:
-            log.warning("passwd-file %s: %s; no users", self.path, exc.strerror or exc)
-            return _version(self.path), {}
+            return self._unreadable(exc)
+
+    def _unreadable(self, exc: OSError) -> tuple[_Version, dict[str, StoredPassword]]:
+        log.warning("passwd-file %s: %s; no users", self.path, exc.strerror or exc)
+        return _version(self.path), {}
+
+    def _read(self) -> tuple[_Version, dict[str, StoredPassword]]:
+        """The file's version and users; :class:`OSError` if it cannot be read."""
+        # O_NONBLOCK: a FIFO at the path must not block (the start, or a worker thread) forever.
+        fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, encoding="utf-8", errors="surrogateescape", newline="") as file:
+            # The version of the file actually read, even if it is replaced meanwhile.
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(errno.EINVAL, "not a regular file", self.path)
+            text = file.read()
         users = _parse(text, self.path)
         log.info("passwd-file %s: %d users", self.path, len(users))
         return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev), users
@@ -261,8 +288,9 @@ def add_user(path: str | os.PathLike[str], name: str, password: str, *, scheme: 
 def set_password(path: str | os.PathLike[str], name: str, password: str, *, scheme: str | None = None) -> None:
     """Change the password of user ``name``, keeping the line's other fields.
 
-    Without ``scheme``, a ``{PLAIN}`` user stays PLAIN (so APOP keeps
-    working) and any other user gets :data:`DEFAULT_SCHEME`.  Raises
+    Without ``scheme``, a user with a PLAIN password stays PLAIN (so APOP
+    keeps working) and any other user, one without a password too (a line
+    ``name:`` or just ``name``), gets :data:`DEFAULT_SCHEME`.  Raises
     :class:`UserError` if there is no such user or the password is bad.
     """
     path = os.fspath(path)
@@ -274,8 +302,11 @@ def set_password(path: str | os.PathLike[str], name: str, password: str, *, sche
     line = lines[index]
     body = line.rstrip("\r\n")
     fields = body.split(":")
+    if len(fields) == 1:
+        fields.append("")  # a line without a colon: a user without a password
     if scheme is None:
-        scheme = "PLAIN" if parse_password(fields[1]).scheme == "PLAIN" else DEFAULT_SCHEME
+        # An empty secret parses as an (invalid) PLAIN one: it must not make the new password plain.
+        scheme = "PLAIN" if parse_password(fields[1]).plain is not None else DEFAULT_SCHEME
     secret = _stored_form(password, scheme)
     fields[1:2] = [secret]
     lines[index] = ":".join(fields) + line[len(body) :]

@@ -26,8 +26,10 @@ form an unsupported hash; everything else is PLAIN.  (Dovecot itself assumes
 CRYPT here.)  So a plain password that starts with ``$`` must be written as
 ``{PLAIN}$...``; :func:`hash_password` always writes the prefix.
 
-An unknown scheme or a malformed hash never matches any password; its
-:attr:`StoredPassword.problem` says why, without quoting the secret.
+An unknown scheme, a malformed hash, or one whose cost is above the caps
+(:data:`SHA512_MAX_ROUNDS`, :data:`BCRYPT_MAX_COST`, :data:`ARGON2_MAX_MEMORY_KIB`,
+:data:`ARGON2_MAX_WORK_KIB`, :data:`ARGON2_MAX_PARALLELISM`) never matches any
+password; its :attr:`StoredPassword.problem` says why, without quoting the secret.
 Secrets never appear in reprs or messages.
 """
 
@@ -56,6 +58,32 @@ DEFAULT_SCHEME = "ARGON2ID"
 
 HASH_SCHEMES = ("ARGON2ID", "BLF-CRYPT", "SHA512-CRYPT", "PLAIN")
 """The schemes :func:`hash_password` can write, best first."""
+
+# Caps on the cost a stored hash asks for.  An entry above them never
+# matches and is logged once, like a malformed one: a passwd-file line must
+# not make each login take minutes, nor take all memory.  Each cap is
+# above what the usual tools write, and a check at the cap takes a few
+# seconds at most on one core.
+
+SHA512_MAX_ROUNDS = 1_000_000
+"""Most SHA512-CRYPT ``rounds=`` accepted (glibc and Dovecot write 5000, passlib 656000).
+
+This pure-Python SHA512-CRYPT does about 1.5 million rounds a second on one core."""
+
+BCRYPT_MAX_COST = 15
+"""Most BLF-CRYPT cost accepted (the default of bcrypt and Dovecot is 12 or less): 2**15 rounds, about 2 s."""
+
+ARGON2_MAX_MEMORY_KIB = 1024 * 1024
+"""Most ARGON2 memory (``m=``, KiB) accepted: 1 GiB (argon2-cffi writes 64 MiB, libsodium at most 1 GiB).
+
+At most :data:`HASH_CONCURRENCY` checks run at once, so this times that is the most memory they take."""
+
+ARGON2_MAX_WORK_KIB = 4 * 1024 * 1024
+"""Most ARGON2 memory times passes (``m=`` * ``t=``, KiB) accepted: 4 GiB, e.g. 1 GiB * 4 (libsodium's
+SENSITIVE), 64 MiB * 64.  The time a check takes grows with it: about 5 s at the cap on one core."""
+
+ARGON2_MAX_PARALLELISM = 16
+"""Most ARGON2 lanes (``p=``) accepted; each is a thread while the hash is checked."""
 
 _ALIASES = {"CLEAR": "PLAIN", "CLEARTEXT": "PLAIN"}
 _KNOWN = {"PLAIN", "ARGON2ID", "ARGON2I", "BLF-CRYPT", "SHA512-CRYPT"}
@@ -200,19 +228,36 @@ def _malformed(scheme: str, secret: str) -> str | None:
     if scheme in ("ARGON2ID", "ARGON2I"):
         prefix = "$argon2id$" if scheme == "ARGON2ID" else "$argon2i$"
         try:
-            argon2.extract_parameters(secret)
+            params = argon2.extract_parameters(secret)
         except (argon2.exceptions.InvalidHashError, ValueError):
             return f"malformed {scheme} hash"
-        return None if secret.startswith(prefix) else f"malformed {scheme} hash"
+        if not secret.startswith(prefix):
+            return f"malformed {scheme} hash"
+        if (
+            params.memory_cost > ARGON2_MAX_MEMORY_KIB
+            or params.memory_cost * params.time_cost > ARGON2_MAX_WORK_KIB
+            or params.parallelism > ARGON2_MAX_PARALLELISM
+        ):
+            return (
+                f"{scheme} cost above the limits (m <= {ARGON2_MAX_MEMORY_KIB}, m*t <= {ARGON2_MAX_WORK_KIB}, "
+                f"p <= {ARGON2_MAX_PARALLELISM})"
+            )
+        return None
     if scheme == "BLF-CRYPT":
         match = _BCRYPT_FORM.fullmatch(secret)
-        return None if match and 4 <= int(match[1]) <= 31 else "malformed BLF-CRYPT hash"
+        if match is None or not 4 <= int(match[1]) <= 31:
+            return "malformed BLF-CRYPT hash"
+        if int(match[1]) > BCRYPT_MAX_COST:
+            return f"BLF-CRYPT cost above {BCRYPT_MAX_COST}"
+        return None
     if scheme == "SHA512-CRYPT":
         match = _SHA512_FORM.fullmatch(secret)
         if match is None:
             return "malformed SHA512-CRYPT hash"
         if match[1] is not None and not _ROUNDS_MIN <= int(match[1]) <= _ROUNDS_MAX:
             return "SHA512-CRYPT rounds out of range"  # glibc would never have written it
+        if match[1] is not None and int(match[1]) > SHA512_MAX_ROUNDS:
+            return f"SHA512-CRYPT rounds above {SHA512_MAX_ROUNDS}"
         return None
     return None
 
@@ -287,7 +332,9 @@ class StoredPassword:
         """
         if self.problem is not None or self.scheme == "PLAIN":
             return self.check(password)
-        return await trio.to_thread.run_sync(self.check, password, limiter=_hash_limiter())
+        # A cancel need not wait for the hash: the thread keeps its limiter
+        # slot until it finishes, so abandoned checks still count.
+        return await trio.to_thread.run_sync(self.check, password, limiter=_hash_limiter(), abandon_on_cancel=True)
 
     def __repr__(self) -> str:
         return f"<StoredPassword {self.scheme or 'unknown scheme'}{' (invalid)' if self.problem else ''}>"

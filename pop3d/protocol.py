@@ -336,7 +336,8 @@ class POP3Connection:
         if self._awaiting is StartTLS:
             raise RuntimeError("bytes received before the TLS handshake are not commands: answer StartTLS first")
         if self.state is State.CLOSED:
-            return  # nothing after QUIT is executed
+            self._drop_partial_line()  # nothing after QUIT is executed, or kept
+            return
         if self._start:
             # Drop the lines already handled once per read, not once per line.
             del self._buffer[: self._start]
@@ -368,6 +369,7 @@ class POP3Connection:
                 if not isinstance(event, Closed):
                     self._awaiting = type(event)
                 return event
+        self._drop_partial_line()  # what came after QUIT will never be read
         return Closed()
 
     def data_to_send(self) -> bytes:

@@ -28,6 +28,8 @@ from .errors import OptionError
 from .maildir import MaildirStorage
 from .networks import format_networks, is_loopback
 from .passwd import PasswdFile
+from .penalties import PenaltyBox
+from .privileges import drop, plan
 from .server import Server
 from .settings import ServeSettings, SettingsError
 from .tls import TLSError
@@ -84,6 +86,12 @@ async def serve(
 
         check_bind(admin_bind, token=token)  # refuse before anything listens
     users, mail_root = settings.users, settings.mail_root
+    identity = plan(
+        settings.user,
+        settings.group,
+        allow_root=settings.allow_root,
+        serves_mail=users is not None or mail_root is not None,
+    )
     if users is None or mail_root is None:
         demo = demo_data_dir()
         users = users or demo / "users"
@@ -94,11 +102,12 @@ async def serve(
     common: dict[str, object] = {
         "auth": auth,
         "storage": storage,
-        "idle_timeout": settings.idle_timeout,
         "apop": settings.apop,
         "tls_cert": settings.tls_cert,
         "tls_key": settings.tls_key,
-        "cleartext_auth_from": settings.cleartext_auth_from,
+        # One box for every listener: moving from POP3 to POP3S gains a guesser nothing.
+        "penalties": PenaltyBox(max_delay=settings.penalty_max),
+        **{name: getattr(settings, name) for name in _SERVER_OPTIONS},
     }
     if settings.hostname:
         common["hostname"] = settings.hostname
@@ -126,6 +135,8 @@ async def serve(
 
                 app = create_app(token=token)
                 admin_url = await nursery.start(_serve_admin, serve_admin, app, admin_bind, shutdown)
+            if identity is not None:
+                drop(identity)  # every port is bound: root is not needed any more
             running = Running(servers, admin_url, shutdown)
             for srv in servers:
                 running.pop3_addresses += srv.addresses()
@@ -140,6 +151,20 @@ async def serve(
             with trio.CancelScope(shield=True):
                 await srv.destroy("kill")
     log.info("stopped")
+
+
+# Settings that are server options of the same name.
+_SERVER_OPTIONS = (
+    "idle_timeout",
+    "login_timeout",
+    "cleartext_auth_from",
+    "proxy_protocol_from",
+    "max_connections",
+    "max_connections_per_ip",
+    "max_userip_connections",
+    "max_auth_failures",
+    "login_failure_delay",
+)
 
 
 def _configure(srv: Server, **options: object) -> None:

@@ -406,7 +406,9 @@ class Server:
             await _refuse(stream, peer, replies.SHUTTING_DOWN, answer=answer)
             return
         if address_in(peer[0], options.proxy_protocol_from):
-            proxied = await _read_proxy_header(stream, peer, answer=answer)
+            # The header is part of getting in: no longer than the login timeout either.
+            wait = min(PROXY_HEADER_TIMEOUT, options.login_timeout or PROXY_HEADER_TIMEOUT)
+            proxied = await _read_proxy_header(stream, peer, trio.current_time() + wait, answer=answer)
             if proxied is None:
                 return
             stream, peer = proxied
@@ -520,12 +522,12 @@ class _Prefixed(trio.abc.Stream):
 
 
 async def _read_proxy_header(
-    stream: trio.abc.Stream, peer: tuple[str, int], *, answer: bool
+    stream: trio.abc.Stream, peer: tuple[str, int], deadline: float, *, answer: bool
 ) -> tuple[trio.abc.Stream, tuple[str, int]] | None:
-    """The stream past a PROXY header, and the client it names; None (closed) if there is none."""
+    """The stream past a PROXY header, and the client it names; None (closed) if none came by ``deadline``."""
     buffer = b""
     problem = None
-    with trio.move_on_after(PROXY_HEADER_TIMEOUT):
+    with trio.move_on_at(deadline):
         try:
             while (header := proxy.parse_header(buffer)) is None:
                 data = await stream.receive_some(proxy.MAX_HEADER)

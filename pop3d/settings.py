@@ -10,6 +10,7 @@ names the setting.
 from __future__ import annotations
 
 import contextvars
+import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any
@@ -25,7 +26,8 @@ from pydantic_settings import (
 
 from .errors import Pop3dError
 from .networks import LOOPBACK
-from .options import Networks
+from .options import HOSTNAME_PATTERN, MAX_HOSTNAME, Networks, ServerOptions
+from .penalties import DEFAULT_MAX_DELAY
 
 __all__ = ["DEFAULT_ADMIN", "DEFAULT_LISTEN", "Address", "ServeSettings", "SettingsError", "load_settings"]
 
@@ -55,6 +57,10 @@ class Address(pydantic.BaseModel):
             host = host[1:-1]
         if not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError(f"bad port {port!r} in {text!r} (0 to 65535)")
+        try:
+            host.encode("idna")  # what binding will do: "a..b" fails here, not as a traceback later
+        except UnicodeError:
+            raise ValueError(f"{host!r} in {text!r} is not a host name or address") from None
         return cls(host=None if host in ("*", "") else host, port=int(port))
 
     def __str__(self) -> str:
@@ -81,6 +87,11 @@ def _addresses(value: Any) -> Any:
 _toml_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar("_toml_path", default=None)
 
 
+def _option(name: str) -> Any:
+    # The server object's own field: one default, one set of limits, one description.
+    return ServerOptions.model_fields[name]
+
+
 class ServeSettings(BaseSettings):
     """Everything ``pop3d serve`` can be told."""
 
@@ -100,10 +111,31 @@ class ServeSettings(BaseSettings):
     )
     users: Path | None = Field(None, description="Dovecot-style passwd-file; default: the demo data.")
     mail_root: Path | None = Field(None, description="Directory of Maildirs, one per user; default: the demo data.")
-    hostname: str | None = Field(None, description="Host name in the greeting; default: the machine's.")
-    idle_timeout: float = Field(
-        600.0, ge=0, allow_inf_nan=False, description="Seconds before an idle session is closed."
+    hostname: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_HOSTNAME,
+        pattern=HOSTNAME_PATTERN,
+        description="Host name in the greeting; default: the machine's.",
     )
+    idle_timeout: float = _option("idle_timeout")
+    login_timeout: float = _option("login_timeout")
+    max_connections: int = _option("max_connections")
+    max_connections_per_ip: int = _option("max_connections_per_ip")
+    max_userip_connections: int = _option("max_userip_connections")
+    max_auth_failures: int = _option("max_auth_failures")
+    login_failure_delay: float = _option("login_failure_delay")
+    penalty_max: float = Field(
+        DEFAULT_MAX_DELAY,
+        ge=0,
+        le=300,
+        allow_inf_nan=False,
+        description="Longest wait a guessing address or user earns (the penalty goes 2, 4, 8 s... up to this).",
+    )
+    proxy_protocol_from: Annotated[Networks, NoDecode] = _option("proxy_protocol_from")
+    user: str | None = Field(None, description="Run as this user once the ports are bound (when started as root).")
+    group: str | None = Field(None, description="Run with this group (default: the user's).")
+    allow_root: bool = Field(False, description="Serve mail as root (not recommended).")
     apop: bool = Field(False, description="Offer APOP (users with {PLAIN} passwords only), as Dovecot can.")
     grace_period: float = Field(
         30.0, ge=0, allow_inf_nan=False, description="Seconds open sessions get to finish at shutdown."
@@ -196,6 +228,14 @@ class _TomlSource(PydanticBaseSettingsSource):
         return dict(self._data)
 
 
+def _refuse_unknown_variables() -> None:
+    """A misspelled ``POP3D_*`` variable is an error, as an unknown TOML key is."""
+    known = {f"POP3D_{name.upper()}" for name in ServeSettings.model_fields}
+    for variable in sorted(os.environ):
+        if variable.upper().startswith("POP3D_") and variable.upper() not in known:
+            raise SettingsError(f"{variable}: unknown setting")
+
+
 def load_settings(cli: dict[str, Any], config: Path | None = None) -> ServeSettings:
     """Settings from the command line's values, the environment and ``config``.
 
@@ -203,6 +243,7 @@ def load_settings(cli: dict[str, Any], config: Path | None = None) -> ServeSetti
     """
     if config is not None and not config.is_file():
         raise SettingsError(f"config: no such file: {config}")
+    _refuse_unknown_variables()
     token = _toml_path.set(config)
     try:
         return ServeSettings(**cli)

@@ -19,6 +19,9 @@ from pathlib import Path
 
 READY = re.compile(r"ready (?P<pop3>.*?) admin=(?P<admin>\S+)")
 
+# Tests run as root in CI: pop3d serves mail as root only when told to.
+AS_ROOT = {"POP3D_ALLOW_ROOT": "true"} if os.geteuid() == 0 else {}
+
 WELCOME = b"From: a@example.org\nSubject: first\n\nHello,\n.dot line\nbye\n"
 SECOND = b"From: b@example.org\nSubject: second\n\nSecond message.\n"
 
@@ -31,7 +34,7 @@ def pop3d_cli(*args: str, stdin: str = "", env: dict[str, str] | None = None) ->
         capture_output=True,
         text=True,
         timeout=60,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, **AS_ROOT, **(env or {})},
     )
 
 
@@ -66,6 +69,7 @@ class ServeProcess:
     def __init__(self, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
         full_env = dict(os.environ)
         full_env.pop("POP3D_ADMIN_TOKEN", None)
+        full_env.update(AS_ROOT)
         full_env.update(env or {})
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pop3d", "serve", *args],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import struct
+import threading
 
 import pytest
 import trio
@@ -400,3 +401,35 @@ async def test_log_lines_carry_the_client_address(
     assert f"from {ATTACKER[0]}: login failed for alice" in text
     assert "refusing a connection from 192.0.2.77" in text
     assert f"closing {conn_id} from {ATTACKER[0]} (user alice): maintenance" in text
+
+
+async def test_a_kill_returns_within_the_bound_while_a_callback_hangs(users: pop3d.MemoryUsers) -> None:
+    release = threading.Event()
+
+    class Hanging:
+        """A synchronous storage whose lock never returns (a dead NFS mount, say)."""
+
+        def lock(self, mbox: str) -> bool:
+            release.wait(30)
+            return True
+
+        def unlock(self, mbox: str) -> None:
+            pass
+
+    server = pop3d.new()
+    server.configure(auth=users, storage=pop3d.sync_storage(Hanging()), cleartext_auth_from=TEST_NET)
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.run)
+                client = connect(server, OTHER)
+                await client.read_line()
+                await client.send(b"USER alice\r\nPASS wonderland\r\n")
+                await wait_until(lambda: server.stats.commands["PASS"] == 1)
+                await trio.sleep(0.2)  # the session now waits in the worker thread
+                started = trio.current_time()
+                await server.destroy("kill")
+                assert trio.current_time() - started < 2.5
+                assert server.destroyed and await client.at_eof()
+    finally:
+        release.set()  # let the abandoned thread finish

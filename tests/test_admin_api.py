@@ -252,6 +252,13 @@ async def test_patch_config(client: Client, server: pop3d.Server) -> None:
         ({"idle_timeout": 30, "storage": None}, "storage", "cannot be set over the admin API"),
         ({"idle_timeout": 30, "state": "up"}, "state", "cannot be set over the admin API"),
         ({"idle_timeout": 30, "ssl_context": None}, "ssl_context", "cannot be set over the admin API"),
+        ({"idle_timeout": 30, "penalties": None}, "penalties", "cannot be set over the admin API"),
+        ({"idle_timeout": 30, "max_connections": True}, "max_connections", "valid integer"),
+        ({"idle_timeout": 30, "max_line": 300.5}, "max_line", "valid integer"),
+        ({"idle_timeout": 30, "apop": 1}, "apop", "valid boolean"),
+        ({"idle_timeout": 30, "login_timeout": False}, "login_timeout", "valid number"),
+        ({"idle_timeout": 30, "host": "a..b"}, "host", "not a host name or address"),
+        ({"idle_timeout": 30, "proxy_protocol_from": ["10.0.0.1/8"]}, "proxy_protocol_from", "host bits set"),
         ({"idle_timeout": 30, "cleartext_auth_from": ["10.0.0.1/8"]}, "cleartext_auth_from", "has host bits set"),
         ({"idle_timeout": 30, "cleartext_auth_from": "nowhere"}, "cleartext_auth_from", "IPv4 or IPv6 network"),
         ({"idle_timeout": 30, "implicit_tls": True}, "implicit_tls", "needs tls_cert and tls_key"),
@@ -277,6 +284,35 @@ async def test_patch_cleartext_networks(client: Client, server: pop3d.Server) ->
     response = await client.patch(path, json={"cleartext_auth_from": "none"})
     assert (await response.get_json())["cleartext_auth_from"] == []
     assert server.cget("cleartext_auth_from") == ()
+
+
+async def test_patch_config_nested_too_deeply(client: Client, server: pop3d.Server) -> None:
+    body = "[" * 100_000 + "]" * 100_000
+    response = await client.patch(
+        f"/servers/{server.name}/config", data=body, headers={"Content-Type": "application/json"}
+    )
+    await assert_error(response, 400, "bad_request")
+
+
+async def test_penalties(client: Client, server: pop3d.Server) -> None:
+    assert await get_json(client, "/penalties") == {"penalties": []}
+    box = server.cget("penalties")
+    for address in ("192.0.2.7", "2001:db8:1:2::7", "2001:db8:1:2::8"):
+        box.failed(address, "alice")
+    penalties = (await get_json(client, "/penalties"))["penalties"]
+    assert [(p["kind"], p["key"], p["failures"], p["delay"]) for p in penalties] == [
+        ("user", "alice", 3, 8.0),
+        ("address", "2001:db8:1:2::/64", 2, 4.0),
+        ("address", "192.0.2.7", 1, 2.0),
+    ]
+    assert datetime.fromisoformat(penalties[0]["last_failure"]).tzinfo is not None
+    text = await (await client.get("/metrics")).get_data(as_text=True)
+    assert 'pop3d_penalties{kind="address"} 2.0' in text and 'pop3d_penalties{kind="user"} 1.0' in text
+    # Any address of a penalised /64 clears it; a user by name; and what is not there is a 404.
+    assert (await client.delete("/penalties/2001:db8:1:2::99")).status_code == 204
+    assert (await client.delete("/penalties/users/alice")).status_code == 204
+    await assert_error(await client.delete("/penalties/198.51.100.1"), 404, "not_found")
+    assert [p["key"] for p in (await get_json(client, "/penalties"))["penalties"]] == ["192.0.2.7"]
 
 
 async def test_patch_config_not_json(client: Client, server: pop3d.Server) -> None:
@@ -547,10 +583,19 @@ async def test_two_apps_do_not_collide() -> None:
 
 
 async def test_healthz_and_readyz(client: Client, make_server: MakeServer) -> None:
-    await make_server()
+    up = await make_server()
     await make_server(up=False)
     assert await get_json(client, "/healthz") == {"status": "ok"}
-    assert await get_json(client, "/readyz") == {"ready": True, "not_listening": []}
+    ready = await get_json(client, "/readyz")
+    assert ready["ready"] is True and up.name in ready["serving"] and ready["not_listening"] == []
+
+
+async def test_not_ready_without_a_listening_server(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every server destroyed (or all taken down): nothing takes clients, so not ready.
+    monkeypatch.setattr(pop3d, "servers", dict)
+    assert await get_json(client, "/readyz", 503) == {"ready": False, "serving": [], "not_listening": []}
+    monkeypatch.setattr(pop3d, "servers", lambda: {"stopped": FakeServer("down", [])})
+    assert (await get_json(client, "/readyz", 503))["ready"] is False
 
 
 class FakeServer:
@@ -575,8 +620,10 @@ async def test_readiness() -> None:
 
 async def test_readyz_503(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
     # A listening socket cannot be made to vanish under a real server, so readyz sees fakes.
-    monkeypatch.setattr(pop3d, "servers", lambda: {"broken": FakeServer("up", [])})
-    assert await get_json(client, "/readyz", 503) == {"ready": False, "not_listening": ["broken"]}
+    monkeypatch.setattr(
+        pop3d, "servers", lambda: {"broken": FakeServer("up", []), "ok": FakeServer("up", [("::1", 1)])}
+    )
+    assert await get_json(client, "/readyz", 503) == {"ready": False, "serving": ["ok"], "not_listening": ["broken"]}
 
 
 async def test_openapi_and_docs(client: Client) -> None:

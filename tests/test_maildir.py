@@ -25,7 +25,7 @@ import trio
 
 import pop3d
 from pop3d import maildir as maildir_module
-from pop3d.callbacks import Storage, iterate_message
+from pop3d.callbacks import MailboxUnavailable, Storage, iterate_message
 from pop3d.maildir import INDEX_NAME, LOCK_NAME, MaildirStorage
 from pop3d.message import canonical_size, encode_message
 
@@ -694,7 +694,7 @@ async def test_symlinked_maildir_parts_are_refused(tmp_path: Path, link: str) ->
                 (root / "alice" / sub).mkdir(parents=True)
         (root / "alice" / link).symlink_to(outside)
     storage = MaildirStorage(root)
-    with pytest.raises(ValueError, match="symlinks are not followed"):
+    with pytest.raises(MailboxUnavailable, match="symlinks are not followed"):
         await storage.lock("alice")
     assert not storage.is_locked("alice")
     assert (outside / "secret").exists()

@@ -152,15 +152,18 @@ async def test_reads_only_when_changed(passwd: Path, monkeypatch: pytest.MonkeyP
         return load(self)
 
     monkeypatch.setattr(PasswdFile, "_load", counting_load)
-    users = PasswdFile(passwd)
+    users = PasswdFile(passwd)  # read at once, not through _load
+    await users.lookup("dave")
+    assert loads == 0
+    add_user(passwd, "grace", "hopper", scheme="PLAIN")  # no utime: the new inode shows
     async with trio.open_nursery() as nursery:
         for _ in range(5):
             nursery.start_soon(users.lookup, "dave")
     assert loads == 1  # concurrent logins share one read
     await users.lookup("erin")
     assert loads == 1
-    add_user(passwd, "grace", "hopper", scheme="PLAIN")  # no utime: the new inode shows
-    assert await users.lookup("grace") == ("hopper", "grace")
+    remove_user(passwd, "grace")
+    assert await users.lookup("grace") is None
     assert loads == 2
 
 

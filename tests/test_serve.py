@@ -184,6 +184,8 @@ def test_demo_data_with_no_flags(tmp_path: Path) -> None:
     ("args", "message"),
     [
         (["--listen", "127.0.0.1:99999"], "listen: bad port '99999'"),
+        (["--listen", "a..b:110"], "listen: 'a..b' in 'a..b:110' is not a host name or address"),
+        (["--hostname", "h" * 300], "hostname: String should have at most 200 characters"),
         (["--users", "/nonexistent/users"], "users: no such file: /nonexistent/users"),
         (["--mail-root", "/nonexistent"], "mail-root: no such directory"),
         (["--config", "/nonexistent.toml"], "config: no such file"),
