@@ -9,6 +9,7 @@ its IPv4 address.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 from typing import Any
@@ -49,6 +50,7 @@ def format_networks(networks: Iterable[Network]) -> str:
     return ",".join(str(network) for network in networks) or "none"
 
 
+@functools.lru_cache(maxsize=4096)  # a session asks more than once; parsing is not free
 def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """The address ``host`` is (an IPv4-mapped IPv6 address as IPv4), or None if not an address."""
     try:

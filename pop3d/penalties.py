@@ -15,6 +15,7 @@ the stalest going first, so a botnet cannot grow the table without end.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import time
 from collections import OrderedDict
@@ -33,6 +34,7 @@ MAX_USER = 256
 Kind = Literal["address", "user"]
 
 
+@functools.lru_cache(maxsize=4096)  # asked at every login attempt; parsing is not free
 def address_key(host: str) -> str | None:
     """The key a client address is penalised under: IPv4 as it is, IPv6 as its /64.
 

@@ -453,7 +453,8 @@ class Session:
             return
         if settings.penalties is not None:
             settings.penalties.succeeded(self.address, event.user)
-        await trio.sleep_until(started + penalty)
+        if penalty:
+            await trio.sleep_until(started + penalty)
         if self._over_userip_limit(event.user):
             self._refuse_login(event, LoginFailure.USER_CONNECTIONS)
             return
