@@ -148,6 +148,7 @@ class ConfigView(BaseModel):
     implicit_tls: bool = Field(description="POP3S: TLS from the first byte.")
     cleartext_auth_from: list[str] = Field(description="Networks that may log in with a password before TLS.")
     max_userip_connections: int
+    max_logins_per_ip: int
     login_timeout: float
     penalties: str | None = Field(description="The penalty box's description, or null if there are no penalties.")
     proxy_protocol_from: list[str] = Field(description="Proxies that send a PROXY header first.")

@@ -72,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
         ("--max-connections", int, "open connections at most (1000)"),
         ("--max-connections-per-ip", int, "connections not logged in from one address (300)"),
         ("--max-userip-connections", int, "sessions of one user from one address (10; 0: no limit)"),
+        ("--max-logins-per-ip", int, "login attempts in progress from one address; more wait (3)"),
         ("--login-timeout", float, "seconds to log in after connecting (60)"),
         ("--login-failure-delay", float, "seconds before a failed login is answered (1)"),
         ("--max-auth-failures", int, "failed logins before a session is closed (3)"),

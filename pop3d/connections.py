@@ -4,13 +4,13 @@ Like Dovecot's login processes: the limits bear hardest on connections that
 have not logged in, which cost nothing to open.
 
 - ``max_connections`` in all.  When it is reached, the oldest connection that
-  has not logged in makes room for the newcomer; a logged-in session is
-  never pushed out.  Only when every connection is logged in is the newcomer
+  has not logged in makes room for the newcomer; a logged-in session, or one
+  in the middle of logging in, is never pushed out.  Only when every connection is logged in is the newcomer
   refused.
-- ``max_connections_per_ip`` counts the connections from one address that
-  have not logged in, so that one host cannot fill the table with silent
-  connections, while many users behind one address (a NAT, a webmail
-  front end) all get in.
+- ``max_connections_per_ip`` counts the connections from one address (an
+  IPv6 client's whole /64) that have not logged in, so that one host cannot
+  fill the table with silent connections, while many users behind one
+  address (a NAT, a webmail front end) all get in.
 - ``max_userip_connections`` counts the logged-in sessions of one user from
   one address (Dovecot's ``mail_max_userip_connections``).
 
@@ -24,6 +24,8 @@ import enum
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
+
+from .penalties import address_key
 
 __all__ = ["Admission", "ConnectionTable", "Tracked", "Verdict"]
 
@@ -39,6 +41,11 @@ class Tracked(Protocol):
     @property
     def logged_in(self) -> bool:
         """Whether the session is past AUTHORIZATION."""
+        ...
+
+    @property
+    def logging_in(self) -> bool:
+        """Whether a login attempt of it is being checked (or waits its turn)."""
         ...
 
     @property
@@ -60,7 +67,7 @@ class Verdict(enum.Enum):
 
     ADMIT = "admit"
     ADMIT_AFTER_EVICTING = "evict"  # close ``Admission.evict`` first
-    REFUSE_FULL = "full"  # every connection is logged in
+    REFUSE_FULL = "full"  # every connection is logged in, or logging in
     REFUSE_ADDRESS = "address"  # too many from its address that have not logged in
 
 
@@ -96,18 +103,19 @@ class ConnectionTable(Generic[T]):
     def add(self, conn_id: str, session: T) -> None:
         """Count a new connection."""
         self._by_id[conn_id] = session
-        self._by_address.setdefault(session.address, {})[conn_id] = session
+        self._by_address.setdefault(_key(session.address), {})[conn_id] = session
 
     def remove(self, conn_id: str) -> None:
         """Forget a connection that has ended."""
         session = self._by_id.pop(conn_id, None)
         if session is None:
             return
-        peers = self._by_address.get(session.address)
+        key = _key(session.address)
+        peers = self._by_address.get(key)
         if peers is not None:
             peers.pop(conn_id, None)
             if not peers:
-                del self._by_address[session.address]
+                del self._by_address[key]
 
     def admit(self, address: str, *, max_connections: int, max_per_address: int) -> Admission[T]:
         """Whether a newcomer from ``address`` gets in, and whom it displaces."""
@@ -119,17 +127,22 @@ class ConnectionTable(Generic[T]):
         staying = sum(1 for session in self._by_id.values() if not session.closing)
         if staying < max_connections:
             return Admission(Verdict.ADMIT)
-        oldest = next((s for s in self._by_id.values() if not s.logged_in and not s.closing), None)
+        oldest = next((s for s in self._by_id.values() if not s.logged_in and not s.logging_in and not s.closing), None)
         if oldest is None:
             return Admission(Verdict.REFUSE_FULL)
         return Admission(Verdict.ADMIT_AFTER_EVICTING, oldest)
 
     def waiting_from(self, address: str) -> int:
-        """Connections from ``address`` that have not logged in (and are not closing)."""
-        peers = self._by_address.get(address, {})
+        """Connections from ``address`` (its /64) that have not logged in (and are not closing)."""
+        peers = self._by_address.get(_key(address), {})
         return sum(1 for session in peers.values() if not session.logged_in and not session.closing)
 
     def sessions_of(self, user: str, address: str) -> int:
-        """Logged-in sessions of ``user`` from ``address``."""
-        peers = self._by_address.get(address, {})
+        """Logged-in sessions of ``user`` from ``address`` (its /64)."""
+        peers = self._by_address.get(_key(address), {})
         return sum(1 for session in peers.values() if session.logged_in and session.user == user)
+
+
+def _key(address: str) -> str:
+    # One host can roam a whole IPv6 /64: it counts as one address, as for penalties.
+    return address_key(address) or address

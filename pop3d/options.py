@@ -81,6 +81,9 @@ class ServerOptions(BaseModel):
     max_userip_connections: int = Field(
         10, ge=0, description="Logged-in sessions of one user from one address at most; 0: no limit."
     )
+    max_logins_per_ip: int = Field(
+        3, ge=0, description="Login attempts in progress from one address at once (more wait); 0: no limit."
+    )
     login_timeout: float = Field(
         60.0, ge=0, allow_inf_nan=False, description="Seconds from connecting to logging in; 0: no limit."
     )

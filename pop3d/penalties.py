@@ -2,11 +2,11 @@
 
 Like Dovecot's anvil: each failed login adds to the penalty of the client's
 address (an IPv6 client's whole /64, which one host can roam) and of the
-user name it tried.  The next login attempt of either is answered only
-after 2, 4, 8, then at most ``max_delay`` seconds, right or wrong, so that
-the speed of the answer never tells a right guess from a wrong one.  A
-penalty is forgotten after a quiet ``decay`` (an hour), and a successful
-login clears those of its address and user.
+user name it tried.  The next login attempt of either waits 2, 4, 8, then
+at most ``max_delay`` seconds before it is even checked, right or wrong.
+A penalty is forgotten after a quiet ``decay`` (an hour).  A successful
+login clears its user's penalty, and takes back from its address's the
+failures at that user name (a typo) but not those at others (a spray).
 
 No I/O and no event loop: the session asks :meth:`PenaltyBox.delay`, sleeps
 that long itself, and reports the outcome.  Entries are bounded in number,
@@ -18,9 +18,9 @@ from __future__ import annotations
 import functools
 import ipaddress
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 __all__ = ["DEFAULT_MAX_DELAY", "Penalty", "PenaltyBox", "address_key"]
@@ -28,8 +28,9 @@ __all__ = ["DEFAULT_MAX_DELAY", "Penalty", "PenaltyBox", "address_key"]
 DEFAULT_MAX_DELAY = 15.0
 FIRST_DELAY = 2.0
 DECAY = 3600.0
-MAX_ENTRIES = 100_000
+MAX_ENTRIES = 100_000  # of each kind
 MAX_USER = 256
+MAX_USERS_PER_ADDRESS = 32  # user names an address's failures are told apart by
 
 Kind = Literal["address", "user"]
 
@@ -68,6 +69,9 @@ class _Entry:
     failures: int
     last: float  # the box's clock
     wall: float  # time.time(), for people
+    # Of an address: its failures by the user name tried, so that a success
+    # takes back only that user's (a typo), never a spray at other users.
+    by_user: Counter[str] = field(default_factory=Counter)
 
 
 class PenaltyBox:
@@ -75,6 +79,8 @@ class PenaltyBox:
 
     One box may serve several servers (``pop3d serve`` shares one between
     its POP3 and POP3S listeners), so that switching ports gains nothing.
+    Addresses and user names are kept in tables of their own, each bounded,
+    so that made-up user names cannot push guessing addresses out.
     ``clock`` is monotonic seconds (tests pass their own).
     """
 
@@ -92,7 +98,7 @@ class PenaltyBox:
         self.decay = decay
         self._max_entries = max_entries
         self._clock = clock
-        self._entries: OrderedDict[tuple[Kind, str], _Entry] = OrderedDict()
+        self._tables: dict[Kind, OrderedDict[str, _Entry]] = {"address": OrderedDict(), "user": OrderedDict()}
 
     def describe(self) -> str:
         """What the admin API shows for this box."""
@@ -102,23 +108,45 @@ class PenaltyBox:
         return f"<PenaltyBox {self.describe()}>"
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return sum(len(table) for table in self._tables.values())
 
     # -- what a session asks and tells --------------------------------------
 
     def delay(self, address: str, user: str) -> float:
-        """Seconds a login attempt from ``address`` as ``user`` waits before its answer."""
-        return max((self._delay_of(key) for key in self._keys(address, user)), default=0.0)
+        """Seconds a login attempt from ``address`` as ``user`` waits before it is even checked."""
+        return max((self._delay_of(kind, key) for kind, key in self._keys(address, user)), default=0.0)
 
     def failed(self, address: str, user: str) -> None:
         """A login from ``address`` as ``user`` failed."""
-        for key in self._keys(address, user):
-            self._add_failure(key)
+        now, wall = self._clock(), time.time()
+        for kind, key in self._keys(address, user):
+            table = self._tables[kind]
+            entry = table.get(key)
+            if entry is None or now - entry.last >= self.decay:
+                entry = _Entry(failures=0, last=now, wall=wall)
+            entry.failures += 1
+            entry.last, entry.wall = now, wall
+            if kind == "address" and (user in entry.by_user or len(entry.by_user) < MAX_USERS_PER_ADDRESS):
+                entry.by_user[user[:MAX_USER]] += 1
+            table[key] = entry
+            table.move_to_end(key)  # the stalest stay at the front
+            while len(table) > self._max_entries:
+                table.popitem(last=False)
 
     def succeeded(self, address: str, user: str) -> None:
-        """A login from ``address`` as ``user`` succeeded: both penalties are cleared."""
-        for key in self._keys(address, user):
-            self._entries.pop(key, None)
+        """A login from ``address`` as ``user`` succeeded.
+
+        The user's penalty is cleared, and from the address's only the
+        failures at that user name: a mistyped password is forgiven, a
+        guess at other users is not.
+        """
+        self._tables["user"].pop(user[:MAX_USER], None)
+        key = address_key(address)
+        entry = self._tables["address"].get(key) if key is not None else None
+        if key is not None and entry is not None:
+            entry.failures -= entry.by_user.pop(user[:MAX_USER], 0)
+            if entry.failures <= 0:
+                del self._tables["address"][key]
 
     # -- what the admin sees and does -----------------------------------------
 
@@ -133,14 +161,15 @@ class PenaltyBox:
                 delay=self._delay_for(entry.failures),
                 last_failure=entry.wall,
             )
-            for (kind, key), entry in self._entries.items()
+            for kind, table in self._tables.items()
+            for key, entry in table.items()
         ]
         return sorted(out, key=lambda penalty: (-penalty.failures, penalty.kind, penalty.key))
 
     def clear(self, kind: Kind, key: str) -> bool:
         """Forget one penalty; ``key`` may be any address of a penalised /64.  Whether there was one."""
         key = (address_key(key) or key) if kind == "address" else key[:MAX_USER]
-        return self._entries.pop((kind, key), None) is not None
+        return self._tables[kind].pop(key, None) is not None
 
     # -- inside ----------------------------------------------------------------
 
@@ -158,31 +187,21 @@ class PenaltyBox:
         # 2, 4, 8, ... capped; the exponent is bounded so that the float never overflows.
         return min(FIRST_DELAY * 2.0 ** min(failures - 1, 64), self.max_delay)
 
-    def _delay_of(self, key: tuple[Kind, str]) -> float:
-        entry = self._entries.get(key)
+    def _delay_of(self, kind: Kind, key: str) -> float:
+        table = self._tables[kind]
+        entry = table.get(key)
         if entry is None:
             return 0.0
         if self._clock() - entry.last >= self.decay:
-            del self._entries[key]
+            del table[key]
             return 0.0
         return self._delay_for(entry.failures)
 
-    def _add_failure(self, key: tuple[Kind, str]) -> None:
-        now = self._clock()
-        entry = self._entries.get(key)
-        if entry is None or now - entry.last >= self.decay:
-            entry = _Entry(failures=0, last=now, wall=0.0)
-        entry.failures += 1
-        entry.last, entry.wall = now, time.time()
-        self._entries[key] = entry
-        self._entries.move_to_end(key)  # the stalest stay at the front
-        while len(self._entries) > self._max_entries:
-            self._entries.popitem(last=False)
-
     def _expire(self) -> None:
         now = self._clock()
-        while self._entries:
-            key, entry = next(iter(self._entries.items()))
-            if now - entry.last < self.decay:
-                break
-            del self._entries[key]
+        for table in self._tables.values():
+            while table:
+                key, entry = next(iter(table.items()))
+                if now - entry.last < self.decay:
+                    break
+                del table[key]

@@ -1,8 +1,9 @@
 """Running as an unprivileged user after binding the ports, as Dovecot and gunicorn do.
 
 ``pop3d serve --user pop3d`` started as root binds 110 and 995, then gives up
-root for good: supplementary groups, group and user, in that order (once the
-user is changed, the group no longer can be).  :func:`plan` checks the
+root for good, before anything is served: the user's supplementary groups,
+its group and the user, in that order (once the user is changed, the groups
+no longer can be).  :func:`plan` checks the
 request before anything listens, so that a typo is a one-line error and not
 a server that quietly keeps root.
 """
@@ -72,7 +73,8 @@ def drop(identity: Identity) -> None:
     """Become ``identity`` for good (nothing if already it)."""
     if (os.geteuid(), os.getegid()) == (identity.uid, identity.gid):
         return
-    os.setgroups([])
+    # The user's own supplementary groups (ssl-cert, mail...) and no others of root's.
+    os.initgroups(identity.user, identity.gid)
     os.setgid(identity.gid)
     os.setuid(identity.uid)
     log.info("running as user %s (uid %d, gid %d)", identity.user, identity.uid, identity.gid)

@@ -91,6 +91,8 @@ class ProxyHeader:
     """The address the client connected to, as ``(host, port)``."""
     length: int
     """Bytes the header takes, to skip before the client's own data."""
+    local: bool = False
+    """A version 2 ``LOCAL`` header: the proxy speaks for itself (a health check), not for a client."""
 
 
 def parse_header(data: bytes) -> ProxyHeader | None:
@@ -251,7 +253,9 @@ def _parse_v2(data: bytes) -> ProxyHeader | None:
         source, destination = (hosts[0], ports[0]), (hosts[1], ports[1])
     # Whatever follows the addresses is TLVs (SSL details, SNI, ...), which the
     # spec lets a receiver skip: length already covers them.
-    return ProxyHeader(version=2, source=source, destination=destination, length=_V2_FIXED + length)
+    return ProxyHeader(
+        version=2, source=source, destination=destination, length=_V2_FIXED + length, local=command == _LOCAL
+    )
 
 
 def _format(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:

@@ -12,8 +12,10 @@ a second signal closes them at once.  SIGHUP reloads the certificate.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import resource
 import shutil
 import signal
 from collections.abc import Callable
@@ -37,6 +39,9 @@ from .tls import TLSError
 __all__ = ["Running", "demo_data_dir", "serve"]
 
 log = logging.getLogger("pop3d")
+
+# A Maildir session holds its socket, the Maildir, cur/, new/ and the lock file open.
+FILES_PER_SESSION = 5
 
 
 def demo_data_dir() -> Path:
@@ -92,6 +97,16 @@ async def serve(
         allow_root=settings.allow_root,
         serves_mail=users is not None or mail_root is not None,
     )
+    _raise_file_limit(settings.max_connections * len([*settings.listen, *settings.listen_tls]))
+    # Bind as root, then drop root before anything is served or read: the
+    # passwd-file, the TLS key and the Maildirs are opened as the user that
+    # will open them again (on SIGHUP, at each login).
+    bound = [
+        await server_module.open_listeners(address.host, address.port)
+        for address in [*settings.listen, *settings.listen_tls]
+    ]
+    if identity is not None:
+        drop(identity)
     if users is None or mail_root is None:
         demo = demo_data_dir()
         users = users or demo / "users"
@@ -125,9 +140,9 @@ async def serve(
         async with trio.open_nursery() as nursery:
             if handle_signals:
                 nursery.start_soon(_watch_signals, shutdown.set, force.set, lambda: _reload_tls(servers))
-            for srv in servers:
+            for srv, listeners in zip(servers, bound, strict=True):
                 await nursery.start(srv.run)
-                await srv.up()
+                await srv.up(listeners=listeners)
             admin_url = None
             if admin_bind is not None:
                 from admin.app import create_app
@@ -135,8 +150,6 @@ async def serve(
 
                 app = create_app(token=token)
                 admin_url = await nursery.start(_serve_admin, serve_admin, app, admin_bind, shutdown)
-            if identity is not None:
-                drop(identity)  # every port is bound: root is not needed any more
             running = Running(servers, admin_url, shutdown)
             for srv in servers:
                 running.pop3_addresses += srv.addresses()
@@ -147,9 +160,12 @@ async def serve(
             await _shut_down(servers, settings.grace_period, force)
             nursery.cancel_scope.cancel()  # the signal watcher
     finally:
-        for srv in servers:
-            with trio.CancelScope(shield=True):
+        with trio.CancelScope(shield=True):
+            for srv in servers:
                 await srv.destroy("kill")
+            for listeners in bound:  # those no server took up (a start that failed)
+                for listener in listeners:
+                    await trio.aclose_forcefully(listener)
     log.info("stopped")
 
 
@@ -162,9 +178,28 @@ _SERVER_OPTIONS = (
     "max_connections",
     "max_connections_per_ip",
     "max_userip_connections",
+    "max_logins_per_ip",
     "max_auth_failures",
     "login_failure_delay",
 )
+
+
+def _raise_file_limit(connections: int) -> None:
+    """Let the process open as many files as it may: each session holds about five (socket, Maildir, lock)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    needed = connections * FILES_PER_SESSION + 100
+    if soft < needed:
+        log.warning(
+            "the open-file limit is %d, but %d connections may need %d: raise it (ulimit -n, or LimitNOFILE= "
+            "in a systemd unit) or lower max-connections",
+            soft,
+            connections,
+            needed,
+        )
 
 
 def _configure(srv: Server, **options: object) -> None:

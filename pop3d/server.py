@@ -30,13 +30,14 @@ from . import proxy, replies
 from ._version import __version__
 from .connections import ConnectionTable, Verdict
 from .errors import NameTaken, OptionError, StateError, UnknownConnection
+from .login_slots import LoginSlots
 from .networks import address_in
 from .options import ServerOptions, validate_options
 from .session import Session, SessionSettings
 from .stats import ServerStats
 from .tls import TLSError, server_context
 
-__all__ = ["IMPLEMENTATION", "Server", "get", "new", "reload_tls", "servers"]
+__all__ = ["IMPLEMENTATION", "Server", "get", "new", "open_listeners", "reload_tls", "servers"]
 
 log = logging.getLogger("pop3d.server")
 
@@ -107,6 +108,7 @@ class Server:
         self._listener_done: trio.Event | None = None
         self._listeners: list[trio.SocketListener] = []
         self._table: ConnectionTable[Session] = ConnectionTable()
+        self._login_slots = LoginSlots(self._options.max_logins_per_ip)
         self._ids = itertools.count(1)
         self._transition = trio.Lock()
         self._destroying = trio.Event()
@@ -139,6 +141,7 @@ class Server:
             except TLSError as exc:
                 raise OptionError([("tls_cert", str(exc))]) from None
         self._options, self._tls_context = new, context
+        self._login_slots.per_address = new.max_logins_per_ip
         return None
 
     def cget(self, option: str) -> Any:
@@ -229,7 +232,8 @@ class Server:
     async def up(self, *, listeners: Sequence[trio.SocketListener] | None = None) -> None:
         """Start listening on the configured host and port (nothing if up already).
 
-        ``listeners`` replaces the bind, for tests that bring their own.
+        ``listeners`` replaces the bind: made by :func:`open_listeners`
+        beforehand (as root, say), or a test's own.
         """
         async with self._transition:
             nursery = self._require_running()
@@ -239,10 +243,7 @@ class Server:
                 return
             options = self._options
             if listeners is None:
-                try:
-                    listeners = await trio.open_tcp_listeners(options.port, host=options.host)
-                except OSError as exc:
-                    raise StateError(f"cannot listen on {options.host or '*'}:{options.port}: {exc.strerror}") from exc
+                listeners = await open_listeners(options.host, options.port)
             self._listeners = list(listeners)
             self._listener_done = trio.Event()
             self._listener_scope = await nursery.start(self._listen, self._listeners, self._listener_done)
@@ -340,25 +341,28 @@ class Server:
         if deferring:
             task_status.started()
             await self._destroying.wait()  # the last connection has ended, or a kill came
-        await self._kill_sessions()
-        if self._ran:
-            with trio.move_on_after(KILL_TIMEOUT):
+        # One deadline for the whole kill: the sessions, then the nursery that held them.
+        with trio.move_on_after(KILL_TIMEOUT):
+            await self._kill_sessions()
+            if self._ran:
                 await self._finished.wait()
+        self._report_stuck()
         self._finish()
         if not deferring:
             task_status.started()
 
     async def _kill_sessions(self) -> None:
-        """Close every session, those served outside the nursery too, and wait a bounded time."""
+        """Close every session, those served outside the nursery too, and wait for them."""
         sessions = list(self._table)
         for session in sessions:
             session.close()
-        with trio.move_on_after(KILL_TIMEOUT):
-            for session in sessions:
-                await session.finished.wait()
-        stuck = [session.conn_id for session in sessions if not session.finished.is_set()]
+        for session in sessions:
+            await session.finished.wait()
+
+    def _report_stuck(self) -> None:
+        stuck = [session.conn_id for session in self._table if not session.finished.is_set()]
         if stuck:
-            # A callback that ignores cancellation; the server goes on without waiting for it.
+            # A callback that ignores cancellation: the server is gone without waiting for it.
             log.error("server %s: sessions %s did not end within %.0f s", self.name, ", ".join(stuck), KILL_TIMEOUT)
 
     # -- connections ----------------------------------------------------
@@ -384,6 +388,7 @@ class Server:
             penalties=options.penalties,
             max_userip_connections=options.max_userip_connections,
             sessions_of=self._table.sessions_of,
+            login_slots=self._login_slots,
         )
 
     async def _accept(self, stream: trio.abc.Stream) -> None:
@@ -412,6 +417,9 @@ class Server:
             if proxied is None:
                 return
             stream, peer = proxied
+            if self._destroyed or self._destroying.is_set() or self._exiting():  # while the header came
+                await _refuse(stream, peer, replies.SHUTTING_DOWN, answer=answer)
+                return
         admission = self._table.admit(
             peer[0], max_connections=options.max_connections, max_per_address=options.max_connections_per_ip
         )
@@ -498,8 +506,11 @@ class _Prefixed(trio.abc.Stream):
     def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
         self.transport_stream = stream
         self._prefix = prefix
+        self._closed = False
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self._closed:
+            raise trio.ClosedResourceError("the stream is closed")
         if self._prefix:
             size = len(self._prefix) if max_bytes is None else max_bytes
             data, self._prefix = self._prefix[:size], self._prefix[size:]
@@ -513,11 +524,8 @@ class _Prefixed(trio.abc.Stream):
     async def wait_send_all_might_not_block(self) -> None:
         await self.transport_stream.wait_send_all_might_not_block()
 
-    async def send_eof(self) -> None:
-        if isinstance(self.transport_stream, trio.abc.HalfCloseableStream):
-            await self.transport_stream.send_eof()
-
     async def aclose(self) -> None:
+        self._closed = True
         await self.transport_stream.aclose()
 
 
@@ -536,7 +544,10 @@ async def _read_proxy_header(
                 buffer += data
             else:
                 rest = buffer[header.length :]
-                client = header.source or peer  # LOCAL (a health check): the proxy itself
+                # LOCAL is the proxy's own health check; a header that names no
+                # client (UNKNOWN, a Unix socket) leaves it unknown: never the
+                # proxy's address, which may be trusted (loopback).
+                client = peer if header.local else (header.source or ("", 0))
                 return (_Prefixed(stream, rest) if rest else stream), client
         except proxy.ProxyError as exc:
             problem = str(exc)
@@ -548,6 +559,18 @@ async def _read_proxy_header(
         log.warning("closing a connection from proxy %s: no PROXY header", peer[0])
         await trio.aclose_forcefully(stream)
     return None
+
+
+async def open_listeners(host: str | None, port: int) -> list[trio.SocketListener]:
+    """Sockets listening on ``host`` (every address if None) and ``port``, for :meth:`Server.up`.
+
+    Raises :class:`~pop3d.errors.StateError` with a one-line reason.
+    """
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except (OSError, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise StateError(f"cannot listen on {host or '*'}:{port}: {reason}") from exc
 
 
 def reload_tls(servers: Iterable[Server]) -> list[Server]:

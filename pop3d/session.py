@@ -16,8 +16,8 @@ import os
 import secrets
 import ssl
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,6 +26,7 @@ import trio
 from . import proxy, replies
 from .callbacks import Auth, HashedPassword, MailboxUnavailable, Storage, iterate_message
 from .credentials import Credentials
+from .login_slots import LoginSlots
 from .networks import Network, address_in
 from .penalties import PenaltyBox
 from .protocol import (
@@ -53,7 +54,7 @@ RECEIVE_SIZE = 65536
 SEND_BATCH = 65536
 # Unlocking and closing must finish even while the session is being cancelled,
 # but not hang: a kill of the server waits for them.
-UNLOCK_TIMEOUT = 1.0
+UNLOCK_TIMEOUT = 0.5
 # How long a last "-ERR ..." or a TLS close_notify may take: the client may not be reading.
 CLOSING_SEND_TIMEOUT = 1.0
 # A reason sent as "-ERR reason" stays one short line.
@@ -90,6 +91,8 @@ class SessionSettings:
     #: Logged-in sessions per user and address at most (0: no limit), counted by ``sessions_of``.
     max_userip_connections: int = 0
     sessions_of: Callable[[str, str], int] | None = None
+    #: Login attempts in progress per address (shared by the server's sessions).
+    login_slots: LoginSlots = field(default_factory=lambda: LoginSlots(0))
 
     def __post_init__(self) -> None:
         if self.implicit_tls and self.tls_context is None:
@@ -152,6 +155,8 @@ class Session:
         self.mailbox: str | None = None
         self.storage: Storage | None = None  # the storage holding our lock
         self._first_data = True
+        #: Whether a login attempt is being checked (or waits its turn): such a session is not evicted.
+        self.logging_in = False
         self._login_deadline = trio.current_time() + settings.login_timeout if settings.login_timeout > 0 else math.inf
         self.started = _now()
         self.last_activity = self.started
@@ -416,10 +421,9 @@ class Session:
             return
         try:
             if isinstance(event, Authenticate):
-                await self._authenticate(event)
+                await self._login_attempt(self._authenticate, event)
             elif isinstance(event, LoginRejected):
-                started = trio.current_time()
-                await self._login_failed(event.mechanism, "", started, self._penalty(""), why=event.reason)
+                await self._login_attempt(self._rejected, event)
             elif isinstance(event, Retrieve):
                 await self._retrieve(event)
             elif isinstance(event, ListUids):
@@ -440,21 +444,42 @@ class Session:
 
     # -- the events -----------------------------------------------------
 
-    async def _authenticate(self, event: Authenticate) -> None:
+    async def _login_attempt(self, answer: Callable[[Any, float], Awaitable[None]], event: Event) -> None:
+        """Answer a login attempt in turn, after its penalty, within the login timeout."""
+        self.logging_in = True
+        started = trio.current_time()
+        try:
+            with trio.move_on_at(self._login_deadline) as scope:
+                # A few attempts per address at a time, so that a guesser's
+                # many connections wait their penalties one after another.
+                async with self.settings.login_slots.attempt(self.address):
+                    # Waited before the check, right or wrong: a guess is not
+                    # even tried before its time.
+                    penalty = self._penalty(event.user if isinstance(event, Authenticate) else "")
+                    if penalty:
+                        await trio.sleep(penalty)
+                    await answer(event, started)
+        finally:
+            self.logging_in = False
+        if scope.cancelled_caught:
+            log.info("session %s from %s: %s", self.conn_id, self.address or "-", replies.LOGIN_TIMEOUT)
+            self.protocol.close(replies.LOGIN_TIMEOUT)
+            await self._try_send(self.protocol.data_to_send())
+            raise _ConnectionLost
+
+    async def _rejected(self, event: LoginRejected, started: float) -> None:
+        await self._login_failed(event.mechanism, "", started, why=event.reason)
+
+    async def _authenticate(self, event: Authenticate, started: float) -> None:
         proto = self.protocol
         settings = self.settings
         auth = settings.auth
-        started = trio.current_time()
-        # Asked before the check: right or wrong, the answer waits as long.
-        penalty = self._penalty(event.user)
         entry = await auth.lookup(event.user) if auth is not None else None
         if entry is None or not await _secret_matches(event.credentials, entry[0]):
-            await self._login_failed(event.mechanism, event.user, started, penalty)
+            await self._login_failed(event.mechanism, event.user, started)
             return
         if settings.penalties is not None:
             settings.penalties.succeeded(self.address, event.user)
-        if penalty:
-            await trio.sleep_until(started + penalty)
         if self._over_userip_limit(event.user):
             self._refuse_login(event, LoginFailure.USER_CONNECTIONS)
             return
@@ -509,8 +534,8 @@ class Session:
         self._stats.logins[event.mechanism, "failed"] += 1
         self.protocol.login_failed(reason)
 
-    async def _login_failed(self, mechanism: str, user: str, started: float, penalty: float, *, why: str = "") -> None:
-        """Count, log and penalise a failed login; answer it after the failure delay or the penalty."""
+    async def _login_failed(self, mechanism: str, user: str, started: float, *, why: str = "") -> None:
+        """Count, log and penalise a failed login; answer it ``login_failure_delay`` after it came."""
         log.info(
             "session %s from %s: login failed for %s (%s)%s",
             self.conn_id,
@@ -525,7 +550,7 @@ class Session:
         # Every failure is answered at the same time after the command, so the
         # time does not tell an unknown user (no hash checked) from a wrong
         # password or a broken AUTH exchange, and guessing is slow.
-        await trio.sleep_until(started + max(self.settings.login_failure_delay, penalty))
+        await trio.sleep_until(started + self.settings.login_failure_delay)
         self.protocol.login_failed(LoginFailure.BAD_CREDENTIALS)
 
     async def _retrieve(self, event: Retrieve) -> None:

@@ -123,6 +123,7 @@ class ServeSettings(BaseSettings):
     max_connections: int = _option("max_connections")
     max_connections_per_ip: int = _option("max_connections_per_ip")
     max_userip_connections: int = _option("max_userip_connections")
+    max_logins_per_ip: int = _option("max_logins_per_ip")
     max_auth_failures: int = _option("max_auth_failures")
     login_failure_delay: float = _option("login_failure_delay")
     penalty_max: float = Field(

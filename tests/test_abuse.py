@@ -20,6 +20,7 @@ import pop3d
 from pop3d import replies
 from pop3d.penalties import Penalty, PenaltyBox, address_key
 
+from .certs import Certs
 from .conftest import TEST_NET, connect, wait_until
 from .popclient import PopClient
 
@@ -433,3 +434,143 @@ async def test_a_kill_returns_within_the_bound_while_a_callback_hangs(users: pop
                 assert server.destroyed and await client.at_eof()
     finally:
         release.set()  # let the abandoned thread finish
+
+
+# -- what the review of the first version found -----------------------------------
+
+
+class CountingUsers(pop3d.MemoryUsers):
+    """Users that note when each password check begins."""
+
+    def __init__(self, users: dict[str, tuple[str, str]]) -> None:
+        super().__init__(users)
+        self.checked_at: list[float] = []
+
+    async def lookup(self, name: str) -> tuple[str, str] | None:
+        self.checked_at.append(trio.current_time())
+        return await super().lookup(name)
+
+
+async def test_parallel_guesses_from_one_address_wait_their_turn(server: pop3d.Server, autojump_clock: object) -> None:
+    users = CountingUsers({"alice": ("wonderland", "alice")})
+    server.configure(auth=users, login_failure_delay=0, max_auth_failures=10, login_timeout=600)
+    penalties = server.cget("penalties")
+    for _ in range(4):
+        penalties.failed(ATTACKER[0], "")  # the address is at 15 s already
+    clients = [connect(server, ATTACKER) for _ in range(9)]
+    for client in clients:
+        await client.read_line()
+    started = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        for client in clients:
+            nursery.start_soon(client.login, "alice", "guess")
+    # Three at a time, each after its penalty: no guess is even checked before its time.
+    offsets = sorted(at - started for at in users.checked_at)
+    assert offsets[:3] == pytest.approx([15] * 3)
+    assert offsets[3] >= 30 and offsets[6] >= 45
+
+
+async def test_a_success_forgives_only_its_own_user(server: pop3d.Server, autojump_clock: object) -> None:
+    server.configure(login_failure_delay=0, max_auth_failures=10)
+    client = connect(server, ATTACKER)
+    await client.read_line()
+    for user in ("bob", "carol", "dave"):
+        await client.login(user, "123456")  # a spray at other users
+    await client.login("alice", "wrong")  # and a typo
+    penalties = server.cget("penalties")
+    assert penalties.delay(ATTACKER[0], "") == 15
+    assert (await client.login("alice", "wonderland")).startswith(b"+OK")
+    # The typo is forgiven, the spray is not: three failures at the address remain.
+    assert penalties.delay(ATTACKER[0], "") == 8
+
+
+async def test_a_login_waiting_out_a_penalty_is_not_evicted(server: pop3d.Server, autojump_clock: object) -> None:
+    server.configure(max_connections=1)
+    server.cget("penalties").failed("", "alice")  # anyone can earn alice a penalty
+    server.cget("penalties").failed("", "alice")
+    alice = connect(server, OTHER)
+    await alice.read_line()
+    async with trio.open_nursery() as nursery:
+        replies_seen: list[bytes] = []
+
+        async def log_in() -> None:
+            replies_seen.append(await alice.login("alice", "wonderland"))
+
+        nursery.start_soon(log_in)
+        await trio.sleep(1)  # alice waits her 4 s
+        newcomer = connect(server, ATTACKER)
+        assert await newcomer.read_line() == replies.err(replies.TOO_MANY_CONNECTIONS)
+    assert replies_seen[0].startswith(b"+OK")
+
+
+async def test_an_ipv6_64_counts_as_one_address(server: pop3d.Server) -> None:
+    server.configure(max_connections_per_ip=2)
+    clients = [connect(server, (f"2001:db8:1:2::{n}", 1)) for n in range(1, 4)]
+    lines = [await client.read_line() for client in clients]
+    assert [line.startswith(b"+OK") for line in lines].count(True) == 2
+    assert replies.err(replies.TOO_MANY_FROM_ADDRESS) in lines
+    other = connect(server, ("2001:db8:1:3::1", 1))
+    assert (await other.read_line()).startswith(b"+OK")
+
+
+async def test_a_header_naming_no_client_is_not_the_trusted_proxy(server: pop3d.Server) -> None:
+    # The proxy is trusted with cleartext; a client it cannot name must not be.
+    server.configure(proxy_protocol_from="192.0.2.250/32", cleartext_auth_from=TEST_NET)
+    client = connect(server, PROXY)
+    await client.send(b"PROXY UNKNOWN\r\n")
+    await client.read_line()
+    assert await client.command("USER alice") == replies.err(replies.CLEARTEXT_NO_TLS)
+    [conn_id] = server.conn_list()
+    assert server.conn_state(conn_id)["remotehost"] == ""
+
+
+async def test_pop3s_behind_a_proxy_with_the_client_hello_in_the_same_packet(
+    server: pop3d.Server, certs: Certs
+) -> None:
+    server.configure(proxy_protocol_from="192.0.2.250/32", tls_cert=certs.cert, tls_key=certs.key, implicit_tls=True)
+    client_end, server_end = trio.testing.memory_stream_pair()
+    server.connect(server_end, PROXY)
+    header = v2_header("203.0.113.9", 4444)
+    original_send = client_end.send_all
+    first = True
+
+    async def send_all(data: bytes | bytearray | memoryview) -> None:
+        nonlocal first
+        if first:  # the header and the TLS ClientHello go out as one packet
+            first = False
+            data = header + bytes(data)
+        await original_send(data)
+
+    client_end.send_all = send_all  # type: ignore[method-assign]
+    tls = trio.SSLStream(client_end, certs.client_context(), server_hostname="localhost")
+    await tls.do_handshake()
+    client = PopClient(tls)
+    assert (await client.read_line()).startswith(b"+OK POP3")
+    assert (await client.login("alice", "wonderland")).startswith(b"+OK")
+    [conn_id] = server.conn_list()
+    state = server.conn_state(conn_id)
+    assert (state["remotehost"], state["tls"]) == ("203.0.113.9", True)
+
+
+async def test_a_kill_is_bounded_even_when_a_callback_ignores_cancellation(
+    users: pop3d.MemoryUsers, autojump_clock: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Stubborn(pop3d.MemoryStorage):
+        async def lock(self, mbox: str) -> bool:
+            with trio.CancelScope(shield=True):  # a callback that cannot be cancelled
+                await trio.sleep(30)
+            return True
+
+    server = pop3d.new()
+    server.configure(auth=users, storage=Stubborn({}), cleartext_auth_from=TEST_NET)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        client = connect(server, OTHER)
+        await client.read_line()
+        await client.send(b"USER alice\r\nPASS wonderland\r\n")
+        await wait_until(lambda: server.stats.commands["PASS"] == 1)
+        started = trio.current_time()
+        await server.destroy("kill")
+        assert trio.current_time() - started == pytest.approx(2, abs=0.1)
+        assert server.destroyed
+    assert "did not end within 2 s" in caplog.text

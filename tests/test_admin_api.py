@@ -212,6 +212,7 @@ async def test_get_config_describes_callbacks_without_secrets(client: Client, se
         "implicit_tls": False,
         "cleartext_auth_from": ["127.0.0.0/8", "::1/128"],
         "max_userip_connections": 10,
+        "max_logins_per_ip": 3,
         "login_timeout": 60.0,
         "penalties": "penalties: up to 15 s, 0 entries",
         "proxy_protocol_from": [],

@@ -60,9 +60,14 @@ TLVS = (
 
 
 def h(
-    version: int, length: int, source: tuple[str, int] | None = None, destination: tuple[str, int] | None = None
+    version: int,
+    length: int,
+    source: tuple[str, int] | None = None,
+    destination: tuple[str, int] | None = None,
+    *,
+    local: bool = False,
 ) -> ProxyHeader:
-    return ProxyHeader(version=version, source=source, destination=destination, length=length)
+    return ProxyHeader(version=version, source=source, destination=destination, length=length, local=local)
 
 
 VALID: dict[str, tuple[bytes, ProxyHeader]] = {
@@ -121,10 +126,10 @@ VALID: dict[str, tuple[bytes, ProxyHeader]] = {
         v2(PROXY, TCP4, inet("203.0.113.9", "10.0.0.1", 1, 995) + tlv(0x04, bytes(V2_CAP - 12 - 3))),
         h(2, 16 + V2_CAP, ("203.0.113.9", 1), ("10.0.0.1", 995)),
     ),
-    "v2 LOCAL": (v2(LOCAL, UNSPEC), h(2, 16)),
-    "v2 LOCAL ignores TCP4 addresses": (v2(LOCAL, TCP4, inet("192.0.2.7", "192.0.2.1", 1, 2)), h(2, 28)),
-    "v2 LOCAL with a family and no addresses": (v2(LOCAL, TCP6), h(2, 16)),
-    "v2 LOCAL with TLVs": (v2(LOCAL, UNSPEC, TLVS), h(2, 16 + len(TLVS))),
+    "v2 LOCAL": (v2(LOCAL, UNSPEC), h(2, 16, local=True)),
+    "v2 LOCAL ignores TCP4 addresses": (v2(LOCAL, TCP4, inet("192.0.2.7", "192.0.2.1", 1, 2)), h(2, 28, local=True)),
+    "v2 LOCAL with a family and no addresses": (v2(LOCAL, TCP6), h(2, 16, local=True)),
+    "v2 LOCAL with TLVs": (v2(LOCAL, UNSPEC, TLVS), h(2, 16 + len(TLVS), local=True)),
     "v2 PROXY UNSPEC": (v2(PROXY, UNSPEC), h(2, 16)),
     "v2 PROXY UNSPEC with bytes": (v2(PROXY, UNSPEC, b"\x01\x02\x03"), h(2, 19)),
     "v2 UNIX stream": (v2(PROXY, UNIX_STREAM, unix(b"/run/client", b"/run/pop3.sock")), h(2, 232)),

@@ -116,17 +116,18 @@ def test_binds_as_root_then_runs_as_the_user() -> None:
         site = make_site(Path(top))
         for path in [site, *site.rglob("*")]:
             os.chown(path, nobody.pw_uid, nobody.pw_gid)
-        run_as_nobody(site, nobody.pw_uid)
+        run_as_nobody(site, nobody.pw_uid, nobody.pw_gid)
 
 
-def run_as_nobody(site: Path, uid: int) -> None:
+def run_as_nobody(site: Path, uid: int, gid: int) -> None:
     with ServeProcess(*serve_args(site, "--no-admin", "--user", "nobody"), env={"POP3D_ALLOW_ROOT": "false"}) as proc:
         proc.wait_ready()
         status = Path(f"/proc/{proc.proc.pid}/status").read_text()
         uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
         assert uid_line.split()[1:] == [str(uid)] * 4
         groups = next(line for line in status.splitlines() if line.startswith("Groups:"))
-        assert groups.split()[1:] == []  # root's supplementary groups are gone
+        # The user's own groups (as initgroups gives them), none of root's.
+        assert {int(g) for g in groups.split()[1:]} == set(os.getgrouplist("nobody", gid))
         pop = poplib.POP3("127.0.0.1", proc.port, timeout=10)
         pop.user("alice")
         pop.pass_("wonderland")
@@ -184,7 +185,7 @@ def test_haproxy_passes_the_real_client(behind_haproxy: tuple[ServeProcess, int]
     assert client.command("PASS wrong").startswith(b"-ERR [AUTH]")
     client.close()
     proc.wait_for(r"from 127\.0\.0\.2: login failed for alice")
-    # HAProxy's health checks (a PROXY header too) find the server up, and do not count as clients.
+    # HAProxy's health checks send a LOCAL header: sessions of the proxy's own address, which find +OK.
     proc.wait_for(r"user=- remote=127\.0\.0\.1:\d+ ")
 
 
