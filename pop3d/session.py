@@ -16,7 +16,7 @@ import os
 import secrets
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -420,10 +420,8 @@ class Session:
             self.protocol.tls_started()
             return
         try:
-            if isinstance(event, Authenticate):
-                await self._login_attempt(self._authenticate, event)
-            elif isinstance(event, LoginRejected):
-                await self._login_attempt(self._rejected, event)
+            if isinstance(event, Authenticate | LoginRejected):
+                await self._login_attempt(event)
             elif isinstance(event, Retrieve):
                 await self._retrieve(event)
             elif isinstance(event, ListUids):
@@ -444,7 +442,7 @@ class Session:
 
     # -- the events -----------------------------------------------------
 
-    async def _login_attempt(self, answer: Callable[[Any, float], Awaitable[None]], event: Event) -> None:
+    async def _login_attempt(self, event: Authenticate | LoginRejected) -> None:
         """Answer a login attempt in turn, after its penalty, within the login timeout."""
         self.logging_in = True
         started = trio.current_time()
@@ -458,7 +456,13 @@ class Session:
                     penalty = self._penalty(event.user if isinstance(event, Authenticate) else "")
                     if penalty:
                         await trio.sleep(penalty)
-                    await answer(event, started)
+                    if isinstance(event, LoginRejected):
+                        await self._login_failed(event.mechanism, "", started, why=event.reason)
+                        return
+                    mailbox = await self._check_credentials(event, started)
+                # The slot is for checking passwords: the mailbox opens outside it.
+                if mailbox is not None:
+                    await self._open_maildrop(event, mailbox)
         finally:
             self.logging_in = False
         if scope.cancelled_caught:
@@ -467,23 +471,24 @@ class Session:
             await self._try_send(self.protocol.data_to_send())
             raise _ConnectionLost
 
-    async def _rejected(self, event: LoginRejected, started: float) -> None:
-        await self._login_failed(event.mechanism, "", started, why=event.reason)
-
-    async def _authenticate(self, event: Authenticate, started: float) -> None:
-        proto = self.protocol
-        settings = self.settings
-        auth = settings.auth
+    async def _check_credentials(self, event: Authenticate, started: float) -> str | None:
+        """The user's mailbox if the credentials are right; else the failure is answered and None."""
+        auth = self.settings.auth
         entry = await auth.lookup(event.user) if auth is not None else None
         if entry is None or not await _secret_matches(event.credentials, entry[0]):
             await self._login_failed(event.mechanism, event.user, started)
-            return
-        if settings.penalties is not None:
-            settings.penalties.succeeded(self.address, event.user)
+            return None
+        if self.settings.penalties is not None:
+            self.settings.penalties.succeeded(self.address, event.user)
+        return entry[1]
+
+    async def _open_maildrop(self, event: Authenticate, mailbox: str) -> None:
+        """Lock and count the mailbox of a user whose credentials were right, and answer the login."""
+        proto = self.protocol
+        settings = self.settings
         if self._over_userip_limit(event.user):
             self._refuse_login(event, LoginFailure.USER_CONNECTIONS)
             return
-        mailbox = entry[1]
         storage = settings.storage
         if storage is None:
             sizes: list[int] = []  # no storage: every mailbox is empty
