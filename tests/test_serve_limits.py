@@ -74,7 +74,8 @@ def test_limits_from_the_environment_and_toml(site: Path) -> None:
             with pytest.raises(poplib.error_proto):
                 pop.pass_("wrong")
             waits.append(time.monotonic() - started)
-        assert waits[0] < 0.5 and 0.9 < waits[1] < 1.8 and 0.9 < waits[2] < 1.8  # 0, then 2 and 4 capped at 1
+        # 0, then 1 and 1: uncapped they would be 2 and 4 (a hash check adds a little to each).
+        assert waits[0] < 0.8 and 0.9 < waits[1] < 1.9 and 0.9 < waits[2] < 1.9
         pop.user("alice")
         pop.pass_("wonderland")
         second = poplib.POP3("127.0.0.1", proc.port, timeout=20)
