@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import trio
@@ -24,10 +24,12 @@ import trio
 __all__ = [
     "Auth",
     "HashedPassword",
+    "Listing",
     "MailboxUnavailable",
     "MessageData",
     "Storage",
     "iterate_message",
+    "read_listing",
     "sync_auth",
     "sync_storage",
 ]
@@ -105,7 +107,35 @@ class Storage(Protocol):
         ...
 
 
-async def iterate_message(data: MessageData) -> AsyncIterator[bytes]:
+@runtime_checkable
+class Listing(Protocol):
+    """An optional storage call: a maildrop's whole listing at once.
+
+    A storage that has it is asked once per login, instead of ``stat`` and
+    then ``size`` for every message (one call, and for a storage in another
+    thread or process, one round trip, rather than one per message).
+    """
+
+    async def listing(self, mbox: str) -> tuple[Sequence[int], Sequence[str] | None]:
+        """``(sizes, uids)`` of every message in ``mbox``, in message order.
+
+        ``uids`` may be ``None``: UIDL then asks :meth:`Storage.uidl` per message.
+        """
+        ...
+
+
+async def read_listing(storage: Storage, mbox: str) -> tuple[Sequence[int], Sequence[str] | None]:
+    """The sizes (and UIDLs, if known) of ``mbox``'s messages, in one call where the storage allows."""
+    if isinstance(storage, Listing):
+        sizes, uids = await storage.listing(mbox)
+        if uids is not None and len(uids) != len(sizes):
+            raise ValueError(f"listing of {mbox!r}: {len(sizes)} sizes but {len(uids)} unique ids")
+        return sizes, uids
+    count = await storage.stat(mbox)
+    return [await storage.size(mbox, n) for n in range(1, count + 1)], None
+
+
+async def iterate_message(data: MessageData) -> AsyncGenerator[bytes, None]:
     """Chunks of what :meth:`Storage.get` returned, whichever form it took."""
     if isinstance(data, bytes | bytearray | memoryview):
         yield bytes(data)
@@ -163,9 +193,10 @@ class _SyncStorage:
                 else:
                     self._gates[mbox] = (gate, users - 1)
 
-    async def _call(self, mbox: str, method: str, *args: Any, undo: Callable[[Any], object] | None = None) -> Any:
-        """``target.method(mbox, *args)`` in an abandonable thread; ``undo(result)`` if nobody takes the result."""
-        fn = getattr(self._target, method)
+    async def _call(
+        self, mbox: str, fn: Callable[..., Any], *args: Any, undo: Callable[[Any], object] | None = None
+    ) -> Any:
+        """``fn(mbox, *args)`` in an abandonable thread; ``undo(result)`` if nobody takes the result."""
         guard = threading.Lock()
         abandoned = False
         handed: list[Any] = []  # the result, once the caller may take it
@@ -200,28 +231,40 @@ class _SyncStorage:
             raise
 
     async def lock(self, mbox: str) -> bool:
-        return bool(await self._call(mbox, "lock", undo=lambda ok: ok and self._target.unlock(mbox)))
+        return bool(await self._call(mbox, self._target.lock, undo=lambda ok: ok and self._target.unlock(mbox)))
 
     async def unlock(self, mbox: str) -> None:
-        await self._call(mbox, "unlock")
+        await self._call(mbox, self._target.unlock)
 
     async def stat(self, mbox: str) -> int:
-        return int(await self._call(mbox, "stat"))
+        return int(await self._call(mbox, self._target.stat))
 
     async def size(self, mbox: str, msg: int | None = None) -> int:
-        return int(await self._call(mbox, "size", msg))
+        return int(await self._call(mbox, self._target.size, msg))
 
     async def get(self, mbox: str, msg: int) -> MessageData:
-        data = await self._call(mbox, "get", msg, undo=_close_quietly)
+        data = await self._call(mbox, self._target.get, msg, undo=_close_quietly)
         if isinstance(data, bytes | bytearray | memoryview):
             return bytes(data)
         return _chunks_in_thread(iter(data))
 
     async def dele(self, mbox: str, msgs: Sequence[int]) -> None:
-        await self._call(mbox, "dele", list(msgs))
+        await self._call(mbox, self._target.dele, list(msgs))
+
+    async def listing(self, mbox: str) -> tuple[Sequence[int], Sequence[str] | None]:
+        # One thread trip for the whole maildrop, whether or not the target lists at once.
+        return await self._call(mbox, self._listing_in_thread)  # type: ignore[no-any-return]
+
+    def _listing_in_thread(self, mbox: str) -> tuple[Sequence[int], Sequence[str] | None]:
+        listing = getattr(self._target, "listing", None)
+        if listing is not None:
+            sizes, uids = listing(mbox)
+            return list(sizes), None if uids is None else list(uids)
+        count = int(self._target.stat(mbox))
+        return [int(self._target.size(mbox, n)) for n in range(1, count + 1)], None
 
     async def uidl(self, mbox: str, msg: int) -> str:
-        return str(await self._call(mbox, "uidl", msg))
+        return str(await self._call(mbox, self._target.uidl, msg))
 
     def __repr__(self) -> str:
         return f"sync_storage({self._target!r})"

@@ -21,8 +21,10 @@ event                     the caller answers with
                           :meth:`~POP3Connection.login_failed`
 :class:`LoginRejected`    :meth:`~POP3Connection.login_failed`, after the
                           same delay as for a wrong password
-:class:`Retrieve`         :meth:`~POP3Connection.start_message`, then the
-                          returned :class:`~pop3d.message.MessageWriter`
+:class:`Retrieve`         :meth:`~POP3Connection.start_message`, the
+                          message's chunks with
+                          :meth:`~POP3Connection.message_data`, then
+                          :meth:`~POP3Connection.end_message`
 :class:`ListUids`         :meth:`~POP3Connection.send_uids`
 :class:`Update`           :meth:`~POP3Connection.update_finished`
 :class:`Closed`           nothing: flush, then close the connection
@@ -31,6 +33,12 @@ event                     the caller answers with
 Any of the answers may instead be :meth:`~POP3Connection.command_failed`,
 which sends ``-ERR [SYS/TEMP]`` and leaves the state as it was (a failed
 handshake has no answer: the caller closes the connection).
+
+The engine also knows what the client can still be told.  Once a message
+has started (its ``+OK`` is out), or once the caller says that a send was
+cut short (:meth:`~POP3Connection.output_interrupted`), no ``-ERR`` line
+could be read as one: :meth:`~POP3Connection.close` then ends the session
+without a reply, and the caller just hangs up.
 
 Logins that send a password as it is (USER/PASS, APOP, and SASL mechanisms
 such as PLAIN) are refused on an unencrypted connection unless the caller
@@ -287,13 +295,18 @@ class POP3Connection:
         self.auth_failures = 0
         #: Octets of each message, taken at login; message n is ``sizes[n-1]``.
         self.sizes: tuple[int, ...] = ()
+        self._total = 0  # sum(sizes), for STAT and LIST of a huge maildrop
         #: Message numbers marked for deletion.
         self.deleted: set[int] = set()
         self._buffer = bytearray()
         self._start = 0  # where the next line begins in _buffer
         self._scanned = 0  # _buffer before this was searched for LF already
         self._discarding = False  # skipping the rest of an over-long line
-        self._outgoing = bytearray()
+        # Replies waiting to be sent, kept as parts so that a message's chunks are not copied.
+        self._outgoing: list[bytes] = []
+        self._outgoing_size = 0
+        self._output_broken = False  # part of a reply went out and the rest never will
+        self._writer: MessageWriter | None = None  # the RETR or TOP body in progress
         self._awaiting: type[Event] | None = None
         self._commands: dict[State, dict[str, Callable[[list[str], str], Event | None]]] = {
             State.AUTHORIZATION: {
@@ -358,7 +371,7 @@ class POP3Connection:
         if self._awaiting is not None:
             raise RuntimeError(f"answer the pending {self._awaiting.__name__} first")
         while self.state is not State.CLOSED:
-            if len(self._outgoing) >= OUTGOING_LIMIT:
+            if self._outgoing_size >= OUTGOING_LIMIT:
                 return PAUSED
             line = self._next_line()
             if line is None:
@@ -374,10 +387,28 @@ class POP3Connection:
         return Closed()
 
     def data_to_send(self) -> bytes:
-        """Replies ready for the client; empties the outgoing buffer."""
-        out = bytes(self._outgoing)
+        """Replies ready for the client; empties the outgoing buffer.
+
+        Nothing after :meth:`output_interrupted`: the client could not tell
+        it from the reply that was cut.
+        """
+        out = b"".join(self._outgoing)  # one part is returned as it is, not copied
         self._outgoing.clear()
-        return out
+        self._outgoing_size = 0
+        return b"" if self._output_broken else out
+
+    @property
+    def bytes_pending(self) -> int:
+        """How many bytes :meth:`data_to_send` would return now."""
+        return self._outgoing_size
+
+    def output_interrupted(self) -> None:
+        """The caller could not send all it took from :meth:`data_to_send` (a cancel, a timeout).
+
+        The client has part of a reply: nothing more is sent, and the
+        session can only end (:meth:`close`).
+        """
+        self._output_broken = True
 
     def _next_line(self) -> str | _Skipped | None:
         """The next complete line; :data:`_SKIPPED` for one too long (answered); None for none yet."""
@@ -446,7 +477,9 @@ class POP3Connection:
             return None
 
     def _reply(self, data: bytes) -> None:
-        self._outgoing += data
+        if data:
+            self._outgoing.append(data)
+            self._outgoing_size += len(data)
 
     def _answered(self, *event_types: type[Event]) -> None:
         if self._awaiting not in event_types:
@@ -591,9 +624,10 @@ class POP3Connection:
         """The login was good and the maildrop is locked; ``sizes`` per message."""
         self._answered(Authenticate)
         self.sizes = tuple(sizes)
+        self._total = sum(self.sizes)
         self.deleted = set()
         self.state = State.TRANSACTION
-        self._reply(replies.ok(replies.LOGGED_IN.format(count=len(self.sizes), octets=sum(self.sizes))))
+        self._reply(replies.ok(replies.LOGGED_IN.format(count=len(self.sizes), octets=self._total)))
 
     def login_failed(self, reason: LoginFailure) -> None:
         """The login failed; the session stays in AUTHORIZATION (or ends, after too many).
@@ -639,7 +673,7 @@ class POP3Connection:
         return [n for n in range(1, len(self.sizes) + 1) if n not in self.deleted]
 
     def _live_octets(self) -> int:
-        return sum(self.sizes) - sum(self.sizes[n - 1] for n in self.deleted)
+        return self._total - sum(self.sizes[n - 1] for n in self.deleted)
 
     def _stat(self, args: list[str], rest: str) -> None:
         if args:
@@ -674,18 +708,42 @@ class POP3Connection:
         msg = self._message(args[0])
         return None if msg is None else Retrieve(msg=msg, body_lines=lines)
 
-    def start_message(self, event: Retrieve) -> MessageWriter:
-        """Queue the ``+OK`` line of a RETR or TOP; returns the writer for the body.
+    def start_message(self, event: Retrieve) -> None:
+        """Queue the ``+OK`` line of a RETR or TOP: the message is now in progress.
 
-        Send :meth:`data_to_send` first, then each chunk through the writer,
-        then ``writer.finish()``.
+        Give its stored bytes, chunk by chunk, to :meth:`message_data`, then
+        call :meth:`end_message`; send :meth:`data_to_send` whenever
+        :attr:`bytes_pending` is as much as you like to send at once.
         """
         self._answered(Retrieve)
         if event.body_lines is None:
             self._reply(replies.ok(replies.RETR.format(octets=self.sizes[event.msg - 1])))
         else:
             self._reply(replies.ok(replies.TOP))
-        return MessageWriter(event.body_lines)
+        self._writer = MessageWriter(event.body_lines)
+
+    def message_data(self, chunk: bytes) -> bool:
+        """Add the next chunk of the message in progress (as stored: LF or CRLF line ends).
+
+        Returns whether more is wanted: ``False`` once TOP has its lines,
+        when the caller may stop reading.
+        """
+        if self._writer is None:
+            raise RuntimeError("no message in progress: start_message() first")
+        self._reply(self._writer.feed(chunk))
+        return not self._writer.done
+
+    def end_message(self) -> None:
+        """The message in progress is complete: queue its end (``.``)."""
+        if self._writer is None:
+            raise RuntimeError("no message in progress: start_message() first")
+        self._reply(self._writer.finish())
+        self._writer = None
+
+    @property
+    def message_in_progress(self) -> bool:
+        """Whether a RETR or TOP body has started and not ended."""
+        return self._writer is not None
 
     def _dele(self, args: list[str], rest: str) -> None:
         if len(args) != 1:
@@ -704,7 +762,7 @@ class POP3Connection:
         if args:
             raise _BadArguments
         self.deleted.clear()
-        self._reply(replies.ok(replies.RSET.format(count=len(self.sizes), octets=sum(self.sizes))))
+        self._reply(replies.ok(replies.RSET.format(count=len(self.sizes), octets=self._total)))
 
     def _uidl(self, args: list[str], rest: str) -> Event | None:
         if len(args) > 1:
@@ -796,7 +854,14 @@ class POP3Connection:
         self._reply(replies.err(replies.SYS_PERM if permanent else replies.SYS_TEMP))
 
     def close(self, reply: str | None = None) -> None:
-        """End the session from the server's side, with an optional ``-ERR`` reply."""
+        """End the session from the server's side, with an optional ``-ERR`` reply.
+
+        In the middle of a message, or after :meth:`output_interrupted`, no
+        reply is sent: the client would read it as part of the message.
+        """
+        if self._writer is not None:
+            self._output_broken = True  # a message cut short can only be followed by the hang-up
+            self._writer = None
         if reply is not None and self.state is not State.CLOSED:
             self._reply(replies.err(reply))
         self._awaiting = None

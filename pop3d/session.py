@@ -16,7 +16,7 @@ import os
 import secrets
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -24,7 +24,15 @@ from typing import Any
 import trio
 
 from . import proxy, replies
-from .callbacks import Auth, HashedPassword, MailboxUnavailable, Storage, iterate_message
+from .callbacks import (
+    Auth,
+    HashedPassword,
+    MailboxUnavailable,
+    MessageData,
+    Storage,
+    iterate_message,
+    read_listing,
+)
 from .credentials import Credentials
 from .login_slots import LoginSlots
 from .networks import Network, address_in
@@ -165,8 +173,7 @@ class Session:
         self.deleted_count = 0
         self.commands = 0
         self._close_reason: str | None = None
-        self._replying = False  # a reply has started going out and is not complete
-        self._in_message = False  # between the +OK of RETR/TOP and its final "."
+        self._uids: Sequence[str] | None = None  # every message's UIDL, when the storage lists them at login
         # TLS is due (POP3S, or STLS accepted) and not done: a plain "-ERR" (a
         # kick, an error) would reach the client as garbage, so none is sent.
         self._tls_pending = settings.implicit_tls
@@ -259,13 +266,15 @@ class Session:
             with self._cancel_scope:
                 await self._serve()
             if self._cancel_scope.cancelled_caught and self._close_reason:
-                await self._try_send(replies.err(self._close_reason))
+                self.protocol.close(self._close_reason)
+                await self._send_last()
         except _ConnectionLost:
             pass
         except Exception:
             # Never let one connection take the server down.
             log.exception("session %s: internal error", self.conn_id)
-            await self._try_send(replies.err(replies.SYS_TEMP))
+            self.protocol.close(replies.SYS_TEMP)
+            await self._send_last()
         finally:
             with trio.CancelScope(shield=True):
                 await self._release_lock()
@@ -348,7 +357,7 @@ class Session:
                 raise _ConnectionLost  # the client closed its end
             if self._first_data and self._is_proxy_header(data):
                 self.protocol.close(replies.PROXY_REFUSED)
-                await self._try_send(self.protocol.data_to_send())
+                await self._send_last()
                 raise _ConnectionLost
             self._first_data = False
             self.last_activity = _now()
@@ -356,7 +365,7 @@ class Session:
             return
         log.info("session %s from %s: %s", self.conn_id, self.address or "-", text)
         self.protocol.close(text)
-        await self._try_send(self.protocol.data_to_send())
+        await self._send_last()
         raise _ConnectionLost
 
     def _idle_timeout(self) -> float:
@@ -364,22 +373,29 @@ class Session:
 
     async def _send(self, data: bytes) -> None:
         # A client that stops reading counts as idle, too.
-        self._replying = True
         with trio.move_on_at(self._deadline()[0]) as scope:
             try:
                 await self.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self.protocol.output_interrupted()
                 raise _ConnectionLost from exc
+            except BaseException:
+                self.protocol.output_interrupted()  # a cancel (a kick) may cut a reply
+                raise
         if scope.cancelled_caught:
+            self.protocol.output_interrupted()
             raise _ConnectionLost
         self.bytes_sent += len(data)
-        if not self._in_message:
-            self._replying = False
 
-    async def _try_send(self, data: bytes) -> None:
-        """Send a last line, if the client is between replies; never raises, never hangs."""
-        if not data or self._replying or self._tls_pending:
-            return  # inside a reply, a -ERR line would read as part of it
+    async def _send_last(self) -> None:
+        """Send what the engine has left to say (a last ``-ERR``); never raises, never hangs.
+
+        The engine says nothing where its words would be garbage (inside a
+        message, after a cut reply); nor is anything sent while TLS is due.
+        """
+        data = self.protocol.data_to_send()
+        if not data or self._tls_pending:
+            return
         # The shield goes outside the deadline: inside, it would block the deadline too.
         with trio.CancelScope(shield=True), trio.move_on_after(CLOSING_SEND_TIMEOUT):
             try:
@@ -468,7 +484,7 @@ class Session:
         if scope.cancelled_caught:
             log.info("session %s from %s: %s", self.conn_id, self.address or "-", replies.LOGIN_TIMEOUT)
             self.protocol.close(replies.LOGIN_TIMEOUT)
-            await self._try_send(self.protocol.data_to_send())
+            await self._send_last()
             raise _ConnectionLost
 
     async def _check_credentials(self, event: Authenticate, started: float) -> str | None:
@@ -491,15 +507,14 @@ class Session:
             return
         storage = settings.storage
         if storage is None:
-            sizes: list[int] = []  # no storage: every mailbox is empty
+            sizes: Sequence[int] = ()  # no storage: every mailbox is empty
         else:
             if not await storage.lock(mailbox):
                 self._refuse_login(event, LoginFailure.IN_USE)
                 return
             self.mailbox, self.storage = mailbox, storage
             try:
-                count = await storage.stat(mailbox)
-                sizes = [await storage.size(mailbox, n) for n in range(1, count + 1)]
+                sizes, self._uids = await read_listing(storage, mailbox)
             except BaseException:
                 with trio.CancelScope(shield=True):
                     await self._release_lock()
@@ -563,50 +578,57 @@ class Session:
         if self.storage is None or self.mailbox is None:
             raise RuntimeError("message exists but there is no storage")
         data = await self.storage.get(self.mailbox, event.msg)
-        chunks = aiter(iterate_message(data))
-        # Read the first chunk before +OK, so that a failing storage still gets -ERR.
-        first = await anext(chunks, b"")
-        writer = proto.start_message(event)
-        # Small chunks are gathered into sends of SEND_BATCH; big ones go as they are.
-        parts = [proto.data_to_send(), writer.feed(first)]
-        batched = len(parts[0]) + len(parts[1])
-        self._in_message = self._replying = True
-        try:
-            async for chunk in chunks:
-                if writer.done:
-                    break
-                out = writer.feed(chunk)
-                parts.append(out)
-                batched += len(out)
-                if batched >= SEND_BATCH:
-                    await self._send(b"".join(parts))
-                    parts.clear()
-                    batched = 0
-        except (_ConnectionLost, trio.Cancelled):
-            raise
-        except Exception as exc:
-            # The +OK may be out already; the only honest thing left is to hang up.
-            log.exception("session %s: reading message %d failed", self.conn_id, event.msg)
-            raise _ConnectionLost from exc
-        finally:
-            aclose = getattr(chunks, "aclose", None)
-            if aclose is not None:
-                with trio.CancelScope(shield=True):
-                    try:
-                        await aclose()
-                    except Exception:
-                        log.exception("session %s: closing message %d failed", self.conn_id, event.msg)
-        parts.append(writer.finish())
-        self._in_message = False
-        await self._send(b"".join(parts))
+        if isinstance(data, bytes):
+            # The whole message at once (a small one): one send, no iterator.
+            proto.start_message(event)
+            proto.message_data(data)
+            proto.end_message()
+        else:
+            await self._stream_message(event, data)
+        await self._send(proto.data_to_send())
         if event.body_lines is None:
             self.retrieved += 1
             self._stats.messages_retrieved += 1
             self._stats.bytes_retrieved += proto.sizes[event.msg - 1]
 
+    async def _stream_message(self, event: Retrieve, data: MessageData) -> None:
+        """Send a message that comes in chunks; what is left ends up in the engine's buffer."""
+        proto = self.protocol
+        chunks = iterate_message(data)
+        try:
+            # Read the first chunk before +OK, so that a failing storage still gets -ERR.
+            first = await anext(chunks, b"")
+            proto.start_message(event)
+            more = proto.message_data(first)
+            try:
+                # Small chunks are gathered into sends of SEND_BATCH; big ones go as they are.
+                while more:
+                    if proto.bytes_pending >= SEND_BATCH:
+                        await self._send(proto.data_to_send())
+                    chunk = await anext(chunks, None)
+                    if chunk is None:
+                        break
+                    more = proto.message_data(chunk)
+            except (_ConnectionLost, trio.Cancelled):
+                raise
+            except Exception as exc:
+                # The +OK is out: the only honest thing left is to hang up (the engine sends nothing more).
+                log.exception("session %s: reading message %d failed", self.conn_id, event.msg)
+                proto.close()
+                raise _ConnectionLost from exc
+            proto.end_message()
+        finally:
+            with trio.CancelScope(shield=True):
+                try:
+                    await chunks.aclose()
+                except Exception:
+                    log.exception("session %s: closing message %d failed", self.conn_id, event.msg)
+
     async def _list_uids(self, event: ListUids) -> None:
         uids: dict[int, str] = {}
-        if self.storage is not None and self.mailbox is not None:
+        if self._uids is not None:
+            uids = {msg: self._uids[msg - 1] for msg in event.msgs}
+        elif self.storage is not None and self.mailbox is not None:
             for msg in event.msgs:
                 uids[msg] = await self.storage.uidl(self.mailbox, msg)
         self.protocol.send_uids(event, uids)

@@ -638,7 +638,7 @@ def engine_state(conn: POP3Connection) -> tuple[object, ...]:
         conn.encrypted,
         conn._awaiting,
         conn._rejection,
-        bytes(conn._outgoing),
+        b"".join(conn._outgoing),
         bytes(conn._buffer),
         conn._start,
         conn._scanned,
@@ -708,8 +708,10 @@ def test_wrong_answers_raise_runtime_error_and_change_nothing(
         elif isinstance(event, LoginRejected):
             conn.login_failed(LoginFailure.BAD_CREDENTIALS)
         elif isinstance(event, Retrieve):
-            writer = conn.start_message(event)
-            out += conn.data_to_send() + writer.feed(MESSAGES[event.msg - 1]) + writer.finish()
+            conn.start_message(event)
+            conn.message_data(MESSAGES[event.msg - 1])
+            conn.end_message()
+            out += conn.data_to_send()
         elif isinstance(event, ListUids):
             if event.msgs:
                 before = engine_state(conn)
