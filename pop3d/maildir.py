@@ -11,11 +11,13 @@ Next to ``cur/`` and ``new/`` the storage keeps two files of its own:
     processes never serve one mailbox; the kernel drops the lock when its
     holder dies, so a crash leaves nothing behind.
 ``pop3d-index``
-    A JSON cache of what a login needs for each message: file size and
-    mtime (to notice a changed file), canonical size and UIDL, keyed by the
-    Maildir unique name.  Only files that are new or changed since the last
-    session are read; the index is rewritten (temp file, fsync, rename) when
-    it differs from the directory, and rebuilt when missing or damaged.
+    A JSON cache of what a login needs for each message (file name, size
+    and mtime, canonical size, UIDL) and of the times of ``new/`` and
+    ``cur/`` it is good for (:mod:`pop3d.maildir_index`).  While those times
+    hold, a login reads the index and nothing else; otherwise it lists the
+    directories and reads only the files that are new or changed.  The
+    index is rewritten (temp file, fsync, rename) when it differs from the
+    directory, and rebuilt when missing or damaged.
 
 A mailbox whose Maildir does not exist is empty.  Nothing is created for it:
 a directory made by this server (often running as root) could have the
@@ -40,7 +42,6 @@ import contextlib
 import errno
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import stat
@@ -51,27 +52,24 @@ from typing import Any, Generic, TypeVar
 
 import trio
 
+from . import maildir_index
 from .callbacks import MailboxUnavailable, MessageData
+from .maildir_index import INDEX_NAME, DirTimes, Listing
 from .protocol import valid_uid
 
-__all__ = ["CHUNK_SIZE", "INDEX_NAME", "LOCK_NAME", "MaildirStorage"]
+__all__ = ["CHUNK_SIZE", "INDEX_NAME", "LOCK_NAME", "READ_AHEAD", "MaildirStorage"]
 
 log = logging.getLogger("pop3d.maildir")
 
 CHUNK_SIZE = 262144
 """Bytes per chunk that :meth:`MaildirStorage.get` yields."""
-INDEX_NAME = "pop3d-index"
-"""The index file in each Maildir."""
-# About 100 bytes a message: room for millions of messages, not for a hostile file.
-MAX_INDEX_SIZE = 512 * 1024 * 1024
+READ_AHEAD = 262144
+"""Bytes of the small messages after a RETR's one that are read with it, for the next RETRs."""
 LOCK_NAME = "pop3d.lock"
 """The lock file in each Maildir."""
 
-_INDEX_FORMAT = 1
 _MEASURE_CHUNK = 1 << 20
 _SUBDIRS = ("new", "cur")
-# Sizes in the index: integers that any JSON reader keeps exact; no file is near that big.
-_INDEX_SIZE_LIMIT = 2**53
 # O_NONBLOCK: a FIFO put in place of a message must not block a worker thread forever.
 _OPEN_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -251,11 +249,26 @@ def _open_dirs(path: str) -> _Dirs | None:
     return dirs
 
 
+def _count(data: bytes, state: list[int]) -> None:
+    """Add ``data`` to a running canonical-size count: ``[length, LF, CRLF, last byte]``."""
+    if state[0] and state[3] == 0x0D and data[:1] == b"\n":
+        state[2] += 1  # a CRLF split across two reads
+    state[0] += len(data)
+    state[1] += data.count(b"\n")
+    state[2] += data.count(b"\r\n")
+    state[3] = data[-1]
+
+
+def _canonical(state: list[int]) -> int:
+    length, lf, crlf, last = state
+    return length + lf - crlf + (2 if length and last != 0x0A else 0)
+
+
 def _measure(dirs: _Dirs, subdir: str, name: str) -> tuple[int, int, int]:
     """Read a message file: ``(file size, mtime_ns, canonical size)``.
 
     The canonical size follows :func:`pop3d.message.canonical_size`, counted
-    chunk by chunk so that a big message does not sit in memory.  Raises
+    read by read so that a big message does not sit in memory.  Raises
     :class:`OSError` if the file is not a regular file (any more).
     """
     fd = os.open(name, _OPEN_READ, dir_fd=dirs.subdirs[subdir])
@@ -264,34 +277,17 @@ def _measure(dirs: _Dirs, subdir: str, name: str) -> tuple[int, int, int]:
         if not stat.S_ISREG(st.st_mode):
             # Replaced by a directory or a FIFO since the listing.
             raise OSError(errno.EINVAL, "not a regular file")
-        length = lf = crlf = 0
-        prev_cr = False
-        last = 0
-        while chunk := os.read(fd, _MEASURE_CHUNK):
-            length += len(chunk)
-            lf += chunk.count(b"\n")
-            crlf += chunk.count(b"\r\n")
-            if prev_cr and chunk[0] == 0x0A:
-                crlf += 1  # a CRLF split across two chunks
-            prev_cr = chunk[-1] == 0x0D
-            last = chunk[-1]
+        state = [0, 0, 0, 0]
+        # One read for a small file: a short read of a regular file is its end.
+        want = min(st.st_size + 1, _MEASURE_CHUNK)
+        while chunk := os.read(fd, want):
+            _count(chunk, state)
+            if len(chunk) < want:
+                break
+            want = _MEASURE_CHUNK
     finally:
         os.close(fd)
-    size = length + lf - crlf
-    if length and last != 0x0A:
-        size += 2
-    return st.st_size, st.st_mtime_ns, size
-
-
-@dataclass(slots=True)
-class _Message:
-    subdir: str  # "new" or "cur", where the file was at login
-    name: str
-    key: str  # the index key: the unique name (or subdir/name for a duplicate)
-    uid: str
-    size: int  # canonical
-    file_size: int
-    mtime_ns: int
+    return st.st_size, st.st_mtime_ns, _canonical(state)
 
 
 @dataclass(slots=True, eq=False)
@@ -307,10 +303,11 @@ class _Maildrop:
     path: str  # the key in _held
     dirs: _Dirs | None  # None: the Maildir does not exist
     lock_fd: int | None
-    messages: list[_Message] = field(default_factory=list)
-    index: dict[str, list[Any]] = field(default_factory=dict)
+    listing: Listing = field(default_factory=Listing)
     total: int = 0
     skipped: dict[str, str] = field(default_factory=dict)  # unreadable message path -> why
+    #: Messages read ahead with an earlier one (0-based position -> bytes), for the next RETR.
+    read_ahead: dict[int, bytes] = field(default_factory=dict)
     _guard: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _users: int = field(default=0, init=False)  # worker threads in run()
     _unlocked: bool = field(default=False, init=False)
@@ -362,87 +359,8 @@ def _dispose_drop(drop: _Maildrop | None) -> None:
         drop.unlock()
 
 
-def _read_index_file(dirs: _Dirs) -> bytes:
-    # The mailbox's owner controls this directory: no symlinks (to /dev/zero,
-    # say), no FIFOs (which would block a worker thread forever), no giants.
-    fd = os.open(INDEX_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dirs.fd)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ValueError("not a regular file")
-        if st.st_size > MAX_INDEX_SIZE:
-            raise ValueError(f"larger than {MAX_INDEX_SIZE} bytes")
-        chunks = []
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
-def _entry_ok(entry: object) -> bool:
-    """Whether ``entry`` is an index entry: ``[file size, mtime_ns, canonical size, uid]``."""
-    if type(entry) is not list or len(entry) != 4:
-        return False
-    file_size, mtime, size, uid = entry
-    return (
-        type(file_size) is int
-        and 0 <= file_size < _INDEX_SIZE_LIMIT
-        and type(mtime) is int
-        and -(2**63) <= mtime < 2**63
-        and type(size) is int
-        and 0 <= size < _INDEX_SIZE_LIMIT
-        and type(uid) is str
-        and valid_uid(uid)
-    )
-
-
-def _load_index(dirs: _Dirs) -> dict[str, list[Any]] | None:
-    """The index's entries: empty if there is none, ``None`` if it is damaged (and must be rewritten)."""
-    try:
-        data = json.loads(_read_index_file(dirs))
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError, RecursionError) as exc:
-        # RecursionError: "[[[[...", nested deeper than the parser goes.
-        log.warning("maildir %s: unreadable index, rebuilding: %s", dirs.path, exc)
-        return None
-    files = data.get("files") if isinstance(data, dict) and data.get("format") == _INDEX_FORMAT else None
-    if not isinstance(files, dict):
-        log.warning("maildir %s: index of unknown format, rebuilding", dirs.path)
-        return None
-    if not all(_entry_ok(entry) for entry in files.values()):
-        log.warning("maildir %s: index with malformed entries, rebuilding", dirs.path)
-        return None
-    return files
-
-
-def _write_index(dirs: _Dirs, files: dict[str, list[Any]]) -> None:
-    """Replace the index atomically; a failure only costs a rebuild later."""
-    tmp = INDEX_NAME + ".tmp"
-    data = json.dumps({"format": _INDEX_FORMAT, "files": files}, separators=(",", ":")).encode()
-    try:
-        # We hold the lock, so a leftover temp file is from a crash: reuse its name.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp, dir_fd=dirs.fd)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(tmp, flags, 0o600, dir_fd=dirs.fd)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, INDEX_NAME, src_dir_fd=dirs.fd, dst_dir_fd=dirs.fd)
-    except OSError as exc:
-        log.warning("maildir %s: cannot write index: %s", dirs.path, exc)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp, dir_fd=dirs.fd)
-
-
-def _message_files(dirs: _Dirs) -> Iterator[tuple[str, str, os.stat_result]]:
-    """(subdir, name, stat) of each message file in ``new/`` and ``cur/``."""
+def _message_files(dirs: _Dirs) -> Iterator[tuple[str, os.DirEntry[str]]]:
+    """(subdir, directory entry) of each message file in ``new/`` and ``cur/``."""
     for subdir, dir_fd in dirs.subdirs.items():
         entries = os.scandir(dir_fd)
         with entries:
@@ -451,61 +369,84 @@ def _message_files(dirs: _Dirs) -> Iterator[tuple[str, str, os.stat_result]]:
                     continue  # Maildir readers ignore dot files
                 try:
                     # No symlinks: one could point at any file the server can read.
-                    if not entry.is_file(follow_symlinks=False):
-                        continue
-                    st = entry.stat(follow_symlinks=False)
+                    if entry.is_file(follow_symlinks=False):
+                        yield subdir, entry
                 except FileNotFoundError:
                     continue  # deleted meanwhile
-                yield subdir, entry.name, st
 
 
-def _scan(dirs: _Dirs) -> tuple[list[_Message], dict[str, list[Any]], dict[str, str]]:
-    """List ``new/`` and ``cur/`` in delivery order, using and refreshing the index.
+def _dir_times(dirs: _Dirs) -> DirTimes:
+    return {subdir: os.fstat(fd).st_mtime_ns for subdir, fd in dirs.subdirs.items()}
 
-    Returns the messages, the new index, and the message files left out
-    because they cannot be read (path -> why).
+
+def _scan(dirs: _Dirs, old: Listing | None) -> tuple[Listing, dict[str, str]]:
+    """List ``new/`` and ``cur/`` in delivery order, reading only files ``old`` does not know.
+
+    A file is known if ``old`` has its unique name with the same file size
+    and mtime (flags may differ: a flag change is a rename).  Returns the
+    listing and the message files left out because they cannot be read
+    (path -> why).
     """
-    found: list[tuple[int, str, str, str, int, int]] = []
-    for subdir, name, st in _message_files(dirs):
-        unique = _unique(name)
-        mtime = st.st_mtime_ns
-        found.append((_delivery_seconds(unique, mtime), unique, subdir, name, st.st_size, mtime))
-    found.sort()
-
-    old = _load_index(dirs)
-    changed = old is None  # a damaged index is rewritten even for an empty Maildir
-    old = old or {}
-    index: dict[str, list[Any]] = {}
-    messages: list[_Message] = []
+    known: dict[str, int] = {}
+    if old is not None:
+        for i, name in enumerate(old.names):
+            known.setdefault(_unique(name), i)
+    found: list[tuple[int, str, str, str, int, int, int]] = []
     skipped: dict[str, str] = {}
-    for _, unique, subdir, name, file_size, mtime in found:
-        # The same unique name twice (a copy, not a rename): give the second
-        # its own key so that UIDLs stay unique.
-        key = unique if unique not in index else f"{subdir}/{name}"
-        uid = _uid_for(key)
-        cached = old.get(key)  # well-formed, as _load_index checked
-        if cached is not None and cached[0] == file_size and cached[1] == mtime and cached[3] == uid:
-            size: int = cached[2]
-            index[key] = cached
-        else:
+    for subdir, entry in _message_files(dirs):
+        name = entry.name
+        unique = _unique(name)
+        at = known.get(unique)
+        if at is not None and old is not None:
             try:
-                file_size, mtime, size = _measure(dirs, subdir, name)
+                st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue  # deleted by someone else since the scandir
-            except OSError as exc:
-                if exc.errno in _PASSING_ERRNOS:
-                    raise
-                # One bad file (unreadable, replaced by a directory, an I/O
-                # error) must not make the whole mailbox fail: serve the rest.
-                skipped[os.path.join(dirs.path, subdir, name)] = exc.strerror or str(exc)
+            if st.st_size == old.file_sizes[at] and st.st_mtime_ns == old.mtimes[at]:
+                seconds = _delivery_seconds(unique, st.st_mtime_ns)
+                found.append((seconds, unique, subdir, name, st.st_size, st.st_mtime_ns, old.sizes[at]))
                 continue
-            changed = True
-            index[key] = [file_size, mtime, size, uid]
-        messages.append(_Message(subdir, name, key, uid, size, file_size, mtime))
-    # No misses means every key was in the old index; equal lengths then mean equal sets.
-    if changed or len(index) != len(old):
-        _write_index(dirs, index)
-    return messages, index, skipped
+        try:
+            file_size, mtime, size = _measure(dirs, subdir, name)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            if exc.errno in _PASSING_ERRNOS:
+                raise
+            # One bad file (unreadable, replaced by a directory, an I/O
+            # error) must not make the whole mailbox fail: serve the rest.
+            skipped[os.path.join(dirs.path, subdir, name)] = exc.strerror or str(exc)
+            continue
+        found.append((_delivery_seconds(unique, mtime), unique, subdir, name, file_size, mtime, size))
+    found.sort()  # (subdir, name) is unique, so the sort never looks past it
+    listing = Listing()
+    seen: set[str] = set()
+    for _, unique, subdir, name, file_size, mtime, size in found:
+        # The same unique name twice (a copy, not a rename): give the second
+        # its own key so that UIDLs stay unique.
+        key = unique if unique not in seen else f"{subdir}/{name}"
+        seen.add(key)
+        listing.append(subdir, name, file_size, mtime, size, _uid_for(key))
+    return listing, skipped
+
+
+def _read_listing(dirs: _Dirs) -> tuple[Listing, dict[str, str]]:
+    """The Maildir's listing: the index's if the directories did not change, else a new scan.
+
+    The index is rewritten when the listing or the times it is good for differ.
+    """
+    # Taken before the scan: a change during it then shows as a newer time next time.
+    times = _dir_times(dirs)
+    index = maildir_index.load(dirs.fd, dirs.path)
+    if index is not None:
+        old, old_times = index
+        if times.keys() == {"new", "cur"} and old_times == times:
+            return old, {}
+    listing, skipped = _scan(dirs, None if index is None else index[0])
+    stored = maildir_index.trusted_times(times)
+    if index is None or listing != index[0] or stored != index[1]:
+        maildir_index.write(dirs.fd, dirs.path, listing, stored)
+    return listing, skipped
 
 
 def _open_maildrop(path: str) -> _Maildrop | None:
@@ -531,13 +472,13 @@ def _open_maildrop(path: str) -> _Maildrop | None:
             os.close(fd)
             dirs.close()
             return None
-        messages, index, skipped = _scan(dirs)
+        listing, skipped = _read_listing(dirs)
     except BaseException:
         if fd >= 0:
             _close_fd(fd)
         dirs.close()
         raise
-    return _Maildrop(path, dirs, fd, messages, index, sum(m.size for m in messages), skipped)
+    return _Maildrop(path, dirs, fd, listing, sum(listing.sizes), skipped)
 
 
 def _lock_maildrop(path: str) -> _Maildrop | None:
@@ -558,19 +499,23 @@ def _lock_maildrop(path: str) -> _Maildrop | None:
     return drop
 
 
-def _find_moved(dirs: _Dirs, msgs: Sequence[_Message]) -> dict[str, tuple[str, str]]:
-    """Where the files of ``msgs`` are now, if another program renamed them.
+def _find_moved(dirs: _Dirs, listing: Listing, positions: Sequence[int]) -> dict[int, tuple[str, str]]:
+    """Where the files at ``positions`` are now, if another program renamed them.
 
     An IMAP server may change flags or move ``new/`` to ``cur/`` while we
     hold our lock (it does not know it); the unique name stays, and so do
-    the size and mtime.  Returns key -> (subdir, name).
+    the size and mtime.  Returns position -> (subdir, name).
     """
-    wanted = {(_unique(m.name), m.file_size, m.mtime_ns): m.key for m in msgs}
-    moved: dict[str, tuple[str, str]] = {}
-    for subdir, name, st in _message_files(dirs):
-        key = wanted.get((_unique(name), st.st_size, st.st_mtime_ns))
-        if key is not None and key not in moved:
-            moved[key] = (subdir, name)
+    wanted = {(_unique(listing.names[i]), listing.file_sizes[i], listing.mtimes[i]): i for i in positions}
+    moved: dict[int, tuple[str, str]] = {}
+    for subdir, entry in _message_files(dirs):
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        i = wanted.get((_unique(entry.name), st.st_size, st.st_mtime_ns))
+        if i is not None and i not in moved:
+            moved[i] = (subdir, entry.name)
     return moved
 
 
@@ -582,34 +527,91 @@ def _open_regular(dirs: _Dirs, subdir: str, name: str) -> int:
     return fd
 
 
-def _open_message(dirs: _Dirs, msg: _Message) -> int:
+def _open_message(dirs: _Dirs, listing: Listing, i: int) -> int:
     try:
-        return _open_regular(dirs, msg.subdir, msg.name)
+        return _open_regular(dirs, listing.subdirs[i], listing.names[i])
     except FileNotFoundError:
         pass
-    where = _find_moved(dirs, [msg]).get(msg.key)
+    where = _find_moved(dirs, listing, [i]).get(i)
     if where is None:
-        raise FileNotFoundError(errno.ENOENT, "message file vanished", os.path.join(dirs.path, msg.subdir, msg.name))
-    msg.subdir, msg.name = where
-    return _open_regular(dirs, msg.subdir, msg.name)
+        path = os.path.join(dirs.path, listing.subdirs[i], listing.names[i])
+        raise FileNotFoundError(errno.ENOENT, "message file vanished", path)
+    listing.subdirs[i], listing.names[i] = where
+    return _open_regular(dirs, *where)
 
 
-def _delete(drop: _Maildrop, doomed: Sequence[_Message]) -> None:
+@dataclass(slots=True)
+class _Read:
+    """What one thread trip read: a message (whole, or its first chunk and the open file), and more."""
+
+    data: bytes
+    fd: int | None  # open at the end of ``data`` if the message is longer; else None
+    ahead: dict[int, bytes]  # following messages read whole
+
+
+def _dispose_read(read: _Read) -> None:
+    if read.fd is not None:
+        _close_fd(read.fd)
+
+
+def _read_whole(fd: int, size: int, limit: int) -> tuple[bytes, bool]:
+    """Up to ``limit`` bytes of the file at ``fd`` (``size`` long, as far as we know); whether that was all."""
+    want = min(size + 1, limit)  # one byte more: a short read then shows the end, without another call
+    data = os.read(fd, want)
+    return data, len(data) < want
+
+
+def _read_message(dirs: _Dirs, listing: Listing, i: int, chunk_size: int, ahead_budget: int) -> _Read:
+    """Read message ``i``, and the small ones after it while ``ahead_budget`` lasts (one thread trip)."""
+    fd = _open_message(dirs, listing, i)
+    try:
+        data, whole = _read_whole(fd, listing.file_sizes[i], chunk_size)
+    except BaseException:
+        os.close(fd)
+        raise
+    if not whole:
+        return _Read(data, fd, {})
+    os.close(fd)
+    ahead: dict[int, bytes] = {}
+    budget = ahead_budget
+    for j in range(i + 1, len(listing)):
+        size = listing.file_sizes[j]
+        if size >= budget:
+            break
+        try:
+            fd = _open_regular(dirs, listing.subdirs[j], listing.names[j])
+        except OSError:
+            break  # moved or gone: its own RETR will look for it
+        try:
+            more, whole = _read_whole(fd, size, budget)
+        except OSError:
+            break
+        finally:
+            os.close(fd)
+        if not whole:
+            break  # it grew: read it when asked
+        ahead[j] = more
+        budget -= len(more)
+    return _Read(data, None, ahead)
+
+
+def _delete(drop: _Maildrop, doomed: Sequence[int]) -> None:
     # Each unlink is atomic, so a crash leaves every message whole or gone;
     # the index is fixed afterwards, or by the next login if we die first.
     dirs = drop.dirs
     if dirs is None:
         return
-    missing: list[_Message] = []
+    listing = drop.listing
+    missing: list[int] = []
     touched: set[str] = set()
-    for msg in doomed:
+    for i in doomed:
         try:
-            os.unlink(msg.name, dir_fd=dirs.subdirs[msg.subdir])
-            touched.add(msg.subdir)
+            os.unlink(listing.names[i], dir_fd=dirs.subdirs[listing.subdirs[i]])
+            touched.add(listing.subdirs[i])
         except FileNotFoundError:
-            missing.append(msg)
+            missing.append(i)
     if missing:
-        for subdir, name in _find_moved(dirs, missing).values():
+        for subdir, name in _find_moved(dirs, listing, missing).values():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(name, dir_fd=dirs.subdirs[subdir])
                 touched.add(subdir)
@@ -618,22 +620,23 @@ def _delete(drop: _Maildrop, doomed: Sequence[_Message]) -> None:
         # loss would be downloaded again.
         with contextlib.suppress(OSError):
             os.fsync(dirs.subdirs[subdir])
-    for msg in doomed:
-        drop.index.pop(msg.key, None)
-    _write_index(dirs, drop.index)
+    # The directories just changed: the next login lists them again (the times are too recent to store).
+    maildir_index.write(dirs.fd, dirs.path, listing.without(set(doomed)), {})
 
 
 class _FileChunks:
     """The bytes of an open message file, chunk by chunk; reads run in a worker thread.
 
+    ``first`` is what was read already, in the trip that opened the file.
     A cancel abandons a read in progress.  The descriptor is then closed by
     that read's thread when it returns, never under it: a number closed
     early could be reused by another file, which the late read would consume.
     """
 
-    def __init__(self, fd: int, chunk_size: int) -> None:
+    def __init__(self, fd: int, chunk_size: int, first: bytes = b"") -> None:
         self._fd = fd
         self._chunk_size = chunk_size
+        self._first = first
         self._guard = threading.Lock()
         self._reading = False  # a worker thread is (about to be) in os.read
         self._closed = False
@@ -642,6 +645,9 @@ class _FileChunks:
         return self
 
     async def __anext__(self) -> bytes:
+        if self._first:
+            first, self._first = self._first, b""
+            return first
         if self._closed:
             raise StopAsyncIteration
         try:
@@ -707,11 +713,16 @@ class MaildirStorage:
     index means each file is read once anyway.
     """
 
-    def __init__(self, root: str | os.PathLike[str], *, chunk_size: int = CHUNK_SIZE) -> None:
+    def __init__(
+        self, root: str | os.PathLike[str], *, chunk_size: int = CHUNK_SIZE, read_ahead: int = READ_AHEAD
+    ) -> None:
         if chunk_size <= 0:
             raise ValueError("chunk_size must be positive")
+        if read_ahead < 0:
+            raise ValueError("read_ahead must not be negative")
         self._root = os.path.abspath(os.fspath(root))
         self._chunk_size = chunk_size
+        self._read_ahead = read_ahead
         self._drops: dict[str, _Maildrop] = {}
         # Unreadable message files already logged, by mailbox: logged again only after they were fine.
         self._skipped: dict[str, set[str]] = {}
@@ -745,11 +756,11 @@ class MaildirStorage:
             raise RuntimeError(f"mailbox {mbox!r} is not locked")
         return drop
 
-    def _message(self, mbox: str, msg: int) -> _Message:
-        messages = self._drop(mbox).messages
-        if not 1 <= msg <= len(messages):
+    def _position(self, mbox: str, msg: int) -> int:
+        """The 0-based position of message ``msg`` in the locked snapshot of ``mbox``."""
+        if not 1 <= msg <= len(self._drop(mbox).listing):
             raise IndexError(f"no message {msg} in mailbox {mbox!r}")
-        return messages[msg - 1]
+        return msg - 1
 
     async def lock(self, mbox: str) -> bool:
         """Lock ``mbox`` and number its messages; ``False`` if a session holds it.
@@ -791,30 +802,50 @@ class MaildirStorage:
 
     async def stat(self, mbox: str) -> int:
         """The number of messages in the snapshot."""
-        return len(self._drop(mbox).messages)
+        return len(self._drop(mbox).listing)
 
     async def size(self, mbox: str, msg: int | None = None) -> int:
         """Canonical octets of message ``msg``, or of all of them (no I/O)."""
         if msg is None:
             return self._drop(mbox).total
-        return self._message(mbox, msg).size
+        return self._drop(mbox).listing.sizes[self._position(mbox, msg)]
 
     async def uidl(self, mbox: str, msg: int) -> str:
         """The unique id of message ``msg``: stable across sessions and flag changes."""
-        return self._message(mbox, msg).uid
+        return self._drop(mbox).listing.uids[self._position(mbox, msg)]
+
+    async def listing(self, mbox: str) -> tuple[Sequence[int], Sequence[str]]:
+        """Every message's size and UIDL at once (:class:`~pop3d.callbacks.Listing`; no I/O)."""
+        listing = self._drop(mbox).listing
+        return listing.sizes, listing.uids
 
     async def get(self, mbox: str, msg: int) -> MessageData:
-        """The message's bytes as stored, in chunks of ``chunk_size``.
+        """The message's bytes as stored: all of them, or chunks of ``chunk_size``.
+
+        One worker-thread trip opens and reads the message; a message that
+        fits in one chunk comes whole, together with the small messages
+        after it (up to :data:`READ_AHEAD` bytes), which the next calls then
+        return without any I/O: a client fetching everything in order costs
+        a thread trip every few messages, not several per message.
 
         Raises :class:`FileNotFoundError` if the file is gone (deleted by
         another program since the snapshot).
         """
         drop = self._drop(mbox)
-        message = self._message(mbox, msg)
+        i = self._position(mbox, msg)
+        ahead = drop.read_ahead.pop(i, None)
+        if ahead is not None:
+            return ahead
+        drop.read_ahead.clear()  # out of order: what was read ahead will not be asked for soon
         if drop.dirs is None:
             raise RuntimeError(f"mailbox {mbox!r} has no Maildir")  # unreachable: it has no messages
-        fd = await _run_abandonable(_close_fd, drop.run, _open_message, drop.dirs, message)
-        return _FileChunks(fd, self._chunk_size)
+        read: _Read = await _run_abandonable(
+            _dispose_read, drop.run, _read_message, drop.dirs, drop.listing, i, self._chunk_size, self._read_ahead
+        )
+        if read.fd is not None:
+            return _FileChunks(read.fd, self._chunk_size, read.data)
+        drop.read_ahead = read.ahead
+        return read.data
 
     async def dele(self, mbox: str, msgs: Sequence[int]) -> None:
         """Delete the files of messages ``msgs``; one already gone is no error.
@@ -823,6 +854,6 @@ class MaildirStorage:
         every file and writes the index, and the lock is held until then.
         """
         drop = self._drop(mbox)
-        doomed = [self._message(mbox, n) for n in sorted(set(msgs))]
+        doomed = sorted({self._position(mbox, n) for n in msgs})
         if doomed:
             await trio.to_thread.run_sync(drop.run, _delete, drop, doomed, abandon_on_cancel=True)

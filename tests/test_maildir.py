@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -317,13 +318,71 @@ async def test_second_session_reads_no_message_files(tmp_path: Path, measured: l
     first = await session(MaildirStorage(tmp_path))
     assert len(measured) == 5
     index = json.loads((box / INDEX_NAME).read_bytes())
-    assert index["format"] == 1
-    assert index["files"][unique_name(0)][2:] == [canonical_size(b"msg 0\n"), unique_name(0)]
+    assert index["format"] == 2
+    assert index["messages"]["name"][0] == unique_name(0)
+    assert index["messages"]["size"][0] == canonical_size(b"msg 0\n")
+    assert index["messages"]["uid"][0] == unique_name(0)
     mtime = (box / INDEX_NAME).stat().st_mtime_ns
     measured.clear()
     assert await session(MaildirStorage(tmp_path)) == first
     assert measured == []
     assert (box / INDEX_NAME).stat().st_mtime_ns == mtime  # unchanged, not rewritten
+
+
+def age(box: Path, seconds: float = 3600) -> None:
+    """Date ``new/`` and ``cur/`` back, as for a Maildir untouched for a while."""
+    past = time.time() - seconds
+    for sub in ("new", "cur"):
+        os.utime(box / sub, (past, past))
+
+
+@pytest.fixture
+def listed(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """The Maildirs whose directories the storage lists."""
+    calls: list[str] = []
+    real = maildir_module._message_files
+
+    def counting(dirs: Any) -> Any:
+        calls.append(dirs.path)
+        return real(dirs)
+
+    monkeypatch.setattr(maildir_module, "_message_files", counting)
+    yield calls
+
+
+async def test_unchanged_directories_are_not_listed_again(tmp_path: Path, listed: list[str]) -> None:
+    box = make_maildir(tmp_path)
+    for n in range(3):
+        deliver(box, b"msg %d\n" % n, unique_name(n))
+    age(box)
+    first = await session(MaildirStorage(tmp_path))
+    assert listed == [str(box)]
+    listed.clear()
+    assert await session(MaildirStorage(tmp_path)) == first
+    assert listed == []  # the index, and nothing else
+    # A delivery changes new/'s time: the next login lists again and sees it.
+    deliver(box, b"late\n", unique_name(7))
+    _, uids = await session(MaildirStorage(tmp_path))
+    assert listed == [str(box)]
+    assert uids == [*first[1], unique_name(7)]
+    # So does a flag change by an IMAP server (a rename into cur/).
+    age(box)
+    await session(MaildirStorage(tmp_path))
+    os.rename(box / "new" / unique_name(0), box / "cur" / (unique_name(0) + ":2,S"))
+    listed.clear()
+    assert (await session(MaildirStorage(tmp_path)))[1] == uids
+    assert listed == [str(box)]
+
+
+async def test_recent_directory_times_are_not_trusted(tmp_path: Path, listed: list[str]) -> None:
+    # Changed less than two seconds ago: a change in the same clock tick could go unseen.
+    box = make_maildir(tmp_path)
+    deliver(box, b"msg\n", unique_name(1))
+    await session(MaildirStorage(tmp_path))
+    assert json.loads((box / INDEX_NAME).read_bytes())["dirs"] == {}
+    listed.clear()
+    await session(MaildirStorage(tmp_path))
+    assert listed == [str(box)]
 
 
 @pytest.mark.parametrize(
@@ -335,8 +394,9 @@ async def test_second_session_reads_no_message_files(tmp_path: Path, measured: l
         b"\xff\xfe garbage",
         b"[1, 2, 3]",
         b'{"format": 99, "files": {}}',
-        b'{"format": 1, "files": []}',
-        b'{"format": 1, "files": {"%s": [1, 2]}}' % unique_name(0).encode(),
+        b'{"format": 1, "files": {}}',  # the first format: rebuilt in the new one
+        b'{"format": 2, "dirs": {}, "messages": []}',
+        b'{"format": 2, "dirs": {}, "messages": {"subdir": "n", "name": ["%s"]}}' % unique_name(0).encode(),
     ],
 )
 async def test_index_is_rebuilt_when_missing_or_corrupt(
@@ -364,7 +424,7 @@ async def test_lying_index_entry_is_not_trusted(tmp_path: Path) -> None:
     deliver(box, b"hello\n", unique_name(1))
     await session(MaildirStorage(tmp_path))
     index = json.loads((box / INDEX_NAME).read_bytes())
-    index["files"][unique_name(1)][3] = "not the uid"
+    index["messages"]["uid"][0] = "not the uid"
     (box / INDEX_NAME).write_text(json.dumps(index))
     assert await session(MaildirStorage(tmp_path)) == ([7], [unique_name(1)])
 
@@ -385,8 +445,7 @@ async def test_stale_index_after_changes_by_another_process(tmp_path: Path, meas
     assert sorted(Path(p).name for p in measured) == [unique_name(1), unique_name(9)]
     assert uids == [unique_name(n) for n in (1, 2, 3, 9)]
     assert sizes == [30, 7, 7, 17]
-    files = json.loads((box / INDEX_NAME).read_bytes())["files"]
-    assert sorted(files) == sorted(uids)
+    assert json.loads((box / INDEX_NAME).read_bytes())["messages"]["uid"] == uids
 
 
 async def test_unwritable_index_is_only_a_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -455,6 +514,33 @@ async def test_get_of_a_vanished_file_raises(tmp_path: Path) -> None:
     await storage.unlock("alice")
 
 
+async def test_small_messages_are_read_ahead_in_one_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    box = make_maildir(tmp_path)
+    bodies = [b"Subject: %d\n\n%s\n" % (n, b"x" * n * 100) for n in range(1, 6)]
+    for n, body in enumerate(bodies, 1):
+        deliver(box, body, unique_name(n))
+    trips: list[int] = []
+    real = maildir_module._read_message
+
+    def counting(dirs: Any, listing: Any, i: int, *args: Any) -> Any:
+        trips.append(i + 1)
+        return real(dirs, listing, i, *args)
+
+    monkeypatch.setattr(maildir_module, "_read_message", counting)
+    storage = MaildirStorage(tmp_path, read_ahead=len(bodies[1]) + len(bodies[2]) + 1)
+    assert await storage.lock("alice")
+    got = [await storage.get("alice", n) for n in range(1, 6)]
+    assert got == bodies  # whole messages, as bytes
+    assert trips == [1, 4]  # 2 and 3 came with 1; 5 with 4
+    assert await storage.get("alice", 2) == bodies[1]  # out of order: read again
+    assert trips == [1, 4, 2]
+    assert await storage.listing("alice") == (
+        [canonical_size(b) for b in bodies],
+        [unique_name(n) for n in range(1, 6)],
+    )
+    await storage.unlock("alice")
+
+
 # -- dele ---------------------------------------------------------------------
 
 
@@ -472,8 +558,7 @@ async def test_dele_removes_exactly_the_given_messages(tmp_path: Path) -> None:
     await storage.unlock("alice")
     left = sorted(os.listdir(box / "new") + os.listdir(box / "cur"))
     assert left == sorted([unique_name(1) + ":2,S", unique_name(4), unique_name(6)])
-    files = json.loads((box / INDEX_NAME).read_bytes())["files"]
-    assert sorted(files) == [uids[0], uids[3], uids[5]]
+    assert json.loads((box / INDEX_NAME).read_bytes())["messages"]["uid"] == [uids[0], uids[3], uids[5]]
     _, after = await session(storage)
     assert after == [uids[0], uids[3], uids[5]]
 
@@ -489,14 +574,14 @@ async def test_crash_before_index_update_is_repaired(
     assert await storage.lock("alice")
     with monkeypatch.context() as patch:
         # The process "dies" after the unlinks: the index still lists message 2.
-        patch.setattr(maildir_module, "_write_index", lambda *args: None)
+        patch.setattr(maildir_module.maildir_index, "write", lambda *args: None)
         await storage.dele("alice", [2])
     await storage.unlock("alice")
-    assert unique_name(1) in json.loads((box / INDEX_NAME).read_bytes())["files"]
+    assert unique_name(1) in json.loads((box / INDEX_NAME).read_bytes())["messages"]["uid"]
     measured.clear()
     assert await session(storage) == ([7, 7], [unique_name(0), unique_name(2)])
     assert measured == []
-    assert unique_name(1) not in json.loads((box / INDEX_NAME).read_bytes())["files"]
+    assert unique_name(1) not in json.loads((box / INDEX_NAME).read_bytes())["messages"]["uid"]
 
 
 # -- the lock -----------------------------------------------------------------
@@ -600,7 +685,7 @@ async def test_100k_messages_second_login_uses_the_index(fast_dir: Path, measure
     assert again == sizes
     await storage.dele("alice", [1, count])
     await storage.unlock("alice")
-    assert len(json.loads((box / INDEX_NAME).read_bytes())["files"]) == count - 2
+    assert len(json.loads((box / INDEX_NAME).read_bytes())["messages"]["name"]) == count - 2
     # Clean up now rather than in a later pytest run's basetemp rotation.
     await trio.to_thread.run_sync(shutil.rmtree, box)
 
@@ -614,9 +699,9 @@ def pop_session(port: int, vanishing: Path) -> tuple[list[bytes], list[bytes], b
         client.user("alice")
         client.pass_("pw")
         listing = client.list()[1]
+        vanishing.unlink()  # another program deletes message 3 mid-session
         _, lines, _ = client.retr(1)
         uidl = client.uidl(1)
-        vanishing.unlink()  # another program deletes message 3 mid-session
         with pytest.raises(poplib.error_proto) as gone:
             client.retr(3)
         client.dele(1)

@@ -307,22 +307,38 @@ def deep(depth: int) -> str:
 
 def lie_about_a_size(index: dict[str, Any]) -> str:
     # Right file size, mtime and uid: only the canonical size is out of range.
-    next(iter(index["files"].values()))[2] = 2**53
+    index["messages"]["size"][0] = 2**53
     return json.dumps(index)
 
 
 def float_size(index: dict[str, Any]) -> str:
-    next(iter(index["files"].values()))[2] = 7.0
+    index["messages"]["size"][0] = 7.0
     return json.dumps(index)
 
 
 def bad_uid(index: dict[str, Any]) -> str:
-    index["files"]["other"] = [1, 1, 1, "has space"]
+    index["messages"]["uid"][0] = "has space"
+    return json.dumps(index)
+
+
+def same_uid_twice(index: dict[str, Any]) -> str:
+    index["messages"]["uid"][1] = index["messages"]["uid"][0]
+    return json.dumps(index)
+
+
+def path_for_a_name(index: dict[str, Any]) -> str:
+    # The index is the mailbox owner's file: a name must never lead out of new/ or cur/.
+    index["messages"]["name"][0] = "../../../etc/passwd"
+    return json.dumps(index)
+
+
+def column_too_short(index: dict[str, Any]) -> str:
+    index["messages"]["mtime"].pop()
     return json.dumps(index)
 
 
 def entry_of_wrong_shape(index: dict[str, Any]) -> str:
-    index["files"]["other"] = {"size": 1}
+    index["messages"]["name"] = {"size": 1}
     return json.dumps(index)
 
 
@@ -334,14 +350,28 @@ def deeply_nested_entry(index: dict[str, Any]) -> str:
     "damage",
     [
         lambda index: deep(100_000),
-        lambda index: '{"format": 1, "files": ' + deep(50_000) + "}",
+        lambda index: '{"format": 2, "dirs": {}, "messages": ' + deep(50_000) + "}",
         deeply_nested_entry,
         lie_about_a_size,
         float_size,
         bad_uid,
+        same_uid_twice,
+        path_for_a_name,
+        column_too_short,
         entry_of_wrong_shape,
     ],
-    ids=["deep", "deep-files", "deep-entry", "size-2**53", "float-size", "bad-uid", "wrong-shape"],
+    ids=[
+        "deep",
+        "deep-files",
+        "deep-entry",
+        "size-2**53",
+        "float-size",
+        "bad-uid",
+        "same-uid",
+        "path-name",
+        "short-column",
+        "wrong-shape",
+    ],
 )
 async def test_malformed_index_is_ignored_and_rebuilt(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: Callable[[dict[str, Any]], str]
@@ -360,9 +390,9 @@ async def test_malformed_index_is_ignored_and_rebuilt(
     assert len(logged) == 1, logged
     assert "index" in logged[0]
     assert "\n" not in logged[0]
-    files = good_index(box)["files"]
-    assert sorted(files) == first[1]
-    assert all(entry[2] == size for entry, size in zip(files.values(), first[0], strict=True))
+    messages = good_index(box)["messages"]
+    assert messages["uid"] == first[1]
+    assert messages["size"] == first[0]
 
 
 async def test_damaged_index_of_an_empty_maildir_is_rewritten(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -373,7 +403,7 @@ async def test_damaged_index_of_an_empty_maildir_is_rewritten(tmp_path: Path, ca
     assert await session(storage) == ([], [])
     assert await session(storage) == ([], [])
     assert len(warnings_of(caplog)) == 1
-    assert good_index(box) == {"format": 1, "files": {}}
+    assert good_index(box)["messages"]["name"] == []
 
 
 # -- 5. unlock whatever closing does ----------------------------------------------------------
@@ -415,7 +445,7 @@ async def test_cancelled_lock_returns_at_once_and_releases_later(
 ) -> None:
     box = make_maildir(tmp_path)
     deliver(box, b"x\n", unique_name(1))
-    monkeypatch.setattr(maildir_module, "_scan", hang.wrap(maildir_module._scan))
+    monkeypatch.setattr(maildir_module, "_read_listing", hang.wrap(maildir_module._read_listing))
     storage = MaildirStorage(tmp_path)
     fds = open_fds()
     with trio.fail_after(PROMPT):
@@ -440,7 +470,7 @@ async def test_cancel_as_the_lock_thread_finishes(tmp_path: Path, monkeypatch: p
     # learns last that the caller is gone must release, and only one of them.
     box = make_maildir(tmp_path)
     deliver(box, b"x\n", unique_name(1))
-    real_scan = maildir_module._scan
+    real_scan = maildir_module._read_listing
     scopes: list[trio.CancelScope] = []
 
     def scan_then_cancel(dirs: Any) -> Any:
@@ -448,7 +478,7 @@ async def test_cancel_as_the_lock_thread_finishes(tmp_path: Path, monkeypatch: p
         trio.from_thread.run_sync(scopes[-1].cancel)
         return result
 
-    monkeypatch.setattr(maildir_module, "_scan", scan_then_cancel)
+    monkeypatch.setattr(maildir_module, "_read_listing", scan_then_cancel)
     storage = MaildirStorage(tmp_path)
     fds = open_fds()
     for _ in range(20):
@@ -459,10 +489,10 @@ async def test_cancel_as_the_lock_thread_finishes(tmp_path: Path, monkeypatch: p
         assert scope.cancelled_caught
         assert not storage.is_locked("alice")
         checker = MaildirStorage(tmp_path)
-        monkeypatch.setattr(maildir_module, "_scan", real_scan)
+        monkeypatch.setattr(maildir_module, "_read_listing", real_scan)
         await lock_when_free(checker)
         await checker.unlock("alice")
-        monkeypatch.setattr(maildir_module, "_scan", scan_then_cancel)
+        monkeypatch.setattr(maildir_module, "_read_listing", scan_then_cancel)
     assert open_fds() == fds
 
 
@@ -501,6 +531,7 @@ async def test_cancelled_read_closes_the_file_after_the_read(
     hung_read = hang.wrap(real_read)
     monkeypatch.setattr(os, "read", lambda f, n: hung_read(f, n) if f == fd else real_read(f, n))
     chunks = aiter(iterate_message(data))
+    assert await anext(chunks) == b"x" * 1000  # read with the open, in the same thread trip
     with trio.fail_after(PROMPT), trio.move_on_after(0.05) as scope:
         await anext(chunks)
     assert scope.cancelled_caught
@@ -523,7 +554,7 @@ async def test_cancelled_dele_finishes_in_the_background_holding_the_lock(
     fds = open_fds()
     assert await storage.lock("alice")
     # Halfway: the files are unlinked, the index not yet written.
-    monkeypatch.setattr(maildir_module, "_write_index", hang.wrap(maildir_module._write_index))
+    monkeypatch.setattr(maildir_module.maildir_index, "write", hang.wrap(maildir_module.maildir_index.write))
     with trio.fail_after(PROMPT), trio.move_on_after(0.05) as scope:
         await storage.dele("alice", [1, 3])
     assert scope.cancelled_caught
@@ -535,7 +566,7 @@ async def test_cancelled_dele_finishes_in_the_background_holding_the_lock(
     assert [await other.uidl("alice", n) for n in (1, 2)] == [unique_name(2), unique_name(4)]
     await other.unlock("alice")
     monkeypatch.undo()
-    assert sorted(good_index(box)["files"]) == [unique_name(2), unique_name(4)]
+    assert good_index(box)["messages"]["uid"] == [unique_name(2), unique_name(4)]
     assert sorted(os.listdir(box / "new")) == [unique_name(2), unique_name(4)]
     assert open_fds() == fds
 
