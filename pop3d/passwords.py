@@ -39,6 +39,7 @@ import hashlib
 import hmac
 import re
 import secrets
+import time
 
 import argon2
 import bcrypt
@@ -293,6 +294,16 @@ def _hash_limiter() -> trio.CapacityLimiter:
         return limiter
 
 
+VERIFIED_TTL = 300.0
+"""Seconds a password checked against a slow hash is taken as right without hashing again."""
+# Keys the cache of verified passwords: what is kept is an HMAC, never the password.
+_CACHE_KEY = secrets.token_bytes(32)
+
+
+def _fingerprint(password: str) -> bytes:
+    return hmac.new(_CACHE_KEY, _encode(password), hashlib.sha256).digest()
+
+
 class StoredPassword:
     """A password as stored: a scheme and its secret.
 
@@ -300,13 +311,21 @@ class StoredPassword:
     canonical scheme name, or ``None`` if it is unknown; ``problem`` says why
     the secret can never match (unknown scheme, malformed hash), else it is
     ``None``.  Neither ever contains the secret.
+
+    Like Dovecot's auth cache, a password that :meth:`verify` found right
+    is remembered for :data:`VERIFIED_TTL` seconds (as a keyed digest), so
+    that a client that logs in every minute does not pay for ARGON2ID every
+    time.  The cache lives in this object: a passwd-file that changes is
+    parsed into new objects, which start with none.  Wrong passwords are
+    never cached: each guess costs the full hash.
     """
 
-    __slots__ = ("_secret", "problem", "scheme")
+    __slots__ = ("_secret", "_verified", "problem", "scheme")
 
     def __init__(self, scheme: str | None, secret: str, problem: str | None = None) -> None:
         self.scheme = scheme
         self._secret = secret
+        self._verified: tuple[bytes, float] | None = None  # (fingerprint, until) of the last right password
         if problem is None:
             problem = "unknown password scheme" if scheme is None else _malformed(scheme, secret)
         self.problem = problem
@@ -332,9 +351,16 @@ class StoredPassword:
         """
         if self.problem is not None or self.scheme == "PLAIN":
             return self.check(password)
+        fingerprint = _fingerprint(password)
+        verified = self._verified
+        if verified is not None and time.monotonic() < verified[1] and hmac.compare_digest(verified[0], fingerprint):
+            return True
         # A cancel need not wait for the hash: the thread keeps its limiter
         # slot until it finishes, so abandoned checks still count.
-        return await trio.to_thread.run_sync(self.check, password, limiter=_hash_limiter(), abandon_on_cancel=True)
+        ok = await trio.to_thread.run_sync(self.check, password, limiter=_hash_limiter(), abandon_on_cancel=True)
+        if ok:
+            self._verified = (fingerprint, time.monotonic() + VERIFIED_TTL)
+        return ok
 
     def __repr__(self) -> str:
         return f"<StoredPassword {self.scheme or 'unknown scheme'}{' (invalid)' if self.problem else ''}>"

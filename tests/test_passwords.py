@@ -6,13 +6,16 @@ import importlib
 import random
 import threading
 import warnings
+from pathlib import Path
 from types import ModuleType
 
 import argon2
 import bcrypt
 import pytest
 
+from pop3d import passwords
 from pop3d.callbacks import HashedPassword
+from pop3d.passwd import PasswdFile, add_user, set_password
 from pop3d.passwords import HASH_SCHEMES, StoredPassword, hash_password, parse_password, sha512_crypt
 
 # Ulrich Drepper, "Unix crypt using SHA-256 and SHA-512", the SHA-512 test vectors.
@@ -290,3 +293,49 @@ async def test_hash_check_runs_in_a_worker_thread(monkeypatch: pytest.MonkeyPatc
     # PLAIN is a quick comparison: no thread needed.
     assert await parse_password("{PLAIN}x").verify("x")
     assert threads[-1] is threading.main_thread()
+
+
+# -- the cache of verified passwords ----------------------------------------------
+
+
+async def test_a_verified_password_is_not_hashed_again_for_a_while(monkeypatch: pytest.MonkeyPatch) -> None:
+    checks: list[str] = []
+    check = StoredPassword.check
+
+    def counting_check(self: StoredPassword, password: str) -> bool:
+        checks.append(password)
+        return check(self, password)
+
+    monkeypatch.setattr(StoredPassword, "check", counting_check)
+    stored = parse_password(hash_password("right", "BLF-CRYPT"))
+    assert await stored.verify("right")
+    assert await stored.verify("right")
+    assert checks == ["right"]  # the second login did not pay for bcrypt
+    # Wrong passwords are never cached: every guess costs a full hash.
+    assert not await stored.verify("wrong")
+    assert not await stored.verify("wrong")
+    assert checks == ["right", "wrong", "wrong"]
+    assert await stored.verify("right")
+    assert len(checks) == 3
+    # Expired: hashed again.
+    monkeypatch.setattr(passwords, "VERIFIED_TTL", 0.0)
+    stored = parse_password(hash_password("right", "BLF-CRYPT"))
+    assert await stored.verify("right")
+    assert await stored.verify("right")
+    assert checks[-2:] == ["right", "right"]
+    # What is kept is a keyed digest, not the password.
+    assert "right" not in repr(stored._verified)
+
+
+async def test_a_changed_passwd_file_starts_with_an_empty_cache(tmp_path: Path) -> None:
+    path = tmp_path / "users"
+    add_user(path, "alice", "first", scheme="BLF-CRYPT")
+    users = PasswdFile(path)
+    entry = await users.lookup("alice")
+    assert entry is not None and isinstance(entry[0], HashedPassword)
+    assert await entry[0].verify("first")
+    set_password(path, "alice", "second", scheme="BLF-CRYPT")
+    entry = await users.lookup("alice")
+    assert entry is not None and isinstance(entry[0], HashedPassword)
+    assert not await entry[0].verify("first")  # the old password's cached check is gone with the old entry
+    assert await entry[0].verify("second")
