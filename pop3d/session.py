@@ -341,7 +341,8 @@ class Session:
     def _deadline(self) -> tuple[float, str]:
         """When the client's time is up if nothing comes, and what it is told then."""
         idle = trio.current_time() + self._idle_timeout()
-        if not self.logged_in and self._login_deadline < idle:
+        # Only until the login: not for a QUIT's reply, say, long after it.
+        if self.protocol.state is State.AUTHORIZATION and self._login_deadline < idle:
             return self._login_deadline, replies.LOGIN_TIMEOUT
         return idle, replies.IDLE_TIMEOUT
 

@@ -173,6 +173,8 @@ async def test_a_logged_in_session_has_the_idle_timeout(server: pop3d.Server, au
     await client.login("alice", "wonderland")
     await trio.sleep(120)
     assert await client.command("NOOP") == replies.ok(replies.NOOP)
+    # And its QUIT is answered, long after the login timeout.
+    assert (await client.command("QUIT")).startswith(b"+OK")
 
 
 async def test_2000_silent_connections_do_not_lock_a_client_out(server: pop3d.Server, autojump_clock: object) -> None:
