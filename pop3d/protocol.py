@@ -50,6 +50,7 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -259,6 +260,38 @@ class POP3Connection:
     mechanisms AUTH offers.
     """
 
+    # Slots: thousands of idle sessions each hold one of these.
+    __slots__ = (
+        "_awaiting",
+        "_buffer",
+        "_discarding",
+        "_mechanisms",
+        "_on_command",
+        "_outgoing",
+        "_outgoing_size",
+        "_output_broken",
+        "_rejection",
+        "_sasl",
+        "_scanned",
+        "_start",
+        "_total",
+        "_writer",
+        "apop",
+        "auth_failures",
+        "challenge",
+        "cleartext_allowed",
+        "deleted",
+        "encrypted",
+        "implementation",
+        "max_auth_failures",
+        "max_line",
+        "mechanism",
+        "sizes",
+        "state",
+        "tls_available",
+        "user",
+    )
+
     def __init__(
         self,
         *,
@@ -283,7 +316,7 @@ class POP3Connection:
         self.encrypted = encrypted
         self.tls_available = tls_available
         self.cleartext_allowed = cleartext_allowed
-        self._mechanisms = {mechanism.name.upper(): mechanism for mechanism in mechanisms}
+        self._mechanisms = _mechanism_table(tuple(mechanisms))
         self._sasl: Mechanism | None = None  # the AUTH exchange in progress
         self._rejection: str | None = None  # the reply to a pending LoginRejected
         self.state = State.AUTHORIZATION
@@ -308,30 +341,6 @@ class POP3Connection:
         self._output_broken = False  # part of a reply went out and the rest never will
         self._writer: MessageWriter | None = None  # the RETR or TOP body in progress
         self._awaiting: type[Event] | None = None
-        self._commands: dict[State, dict[str, Callable[[list[str], str], Event | None]]] = {
-            State.AUTHORIZATION: {
-                "USER": self._user,
-                "PASS": self._pass,
-                "APOP": self._apop,
-                "AUTH": self._auth,
-                "STLS": self._stls,
-                "QUIT": self._quit,
-                "CAPA": self._capa,
-            },
-            State.TRANSACTION: {
-                "STAT": self._stat,
-                "LIST": self._list,
-                "RETR": self._retr,
-                "DELE": self._dele,
-                "NOOP": self._noop,
-                "RSET": self._rset,
-                "QUIT": self._quit,
-                "TOP": self._top,
-                "UIDL": self._uidl,
-                "CAPA": self._capa,
-            },
-        }
-        self._known = {name for table in self._commands.values() for name in table}
 
     # -- input ----------------------------------------------------------
 
@@ -455,11 +464,11 @@ class POP3Connection:
         keyword, _, rest = line.partition(" ")
         # Keywords are ASCII (RFC 1939): str.upper() would turn a long s (U+017F) into an S.
         keyword = keyword.upper() if keyword.isascii() else keyword
-        if self._on_command is not None and keyword in self._known:
+        if self._on_command is not None and keyword in _KNOWN:
             self._on_command(keyword)
-        handler = self._commands.get(self.state, {}).get(keyword)
+        handler = _COMMANDS.get(self.state, {}).get(keyword)
         if handler is None:
-            if keyword not in self._known:
+            if keyword not in _KNOWN:
                 text = replies.UNKNOWN_COMMAND.format(command=_printable(keyword))
             elif self.state is State.AUTHORIZATION:
                 text = replies.NOT_AUTHENTICATED
@@ -471,7 +480,7 @@ class POP3Connection:
             return None  # before the arguments are even looked at
         try:
             # Arguments are separated by spaces; other (Unicode) white space is part of them.
-            return handler([arg for arg in rest.split(" ") if arg], rest)
+            return handler(self, [arg for arg in rest.split(" ") if arg], rest)
         except _BadArguments:
             self._reply(replies.err(replies.BAD_ARGUMENTS.format(usage=replies.USAGE[keyword])))
             return None
@@ -867,3 +876,38 @@ class POP3Connection:
         self._awaiting = None
         self._sasl = None
         self.state = State.CLOSED
+
+
+@functools.cache
+def _mechanism_table(mechanisms: tuple[type[Mechanism], ...]) -> dict[str, type[Mechanism]]:
+    # Shared by the connections of a server, never changed.
+    return {mechanism.name.upper(): mechanism for mechanism in mechanisms}
+
+
+# The commands of each state, shared by every connection (a table per
+# connection would cost each idle session a few kB).
+_Handler = Callable[[POP3Connection, list[str], str], Event | None]
+_COMMANDS: dict[State, dict[str, _Handler]] = {
+    State.AUTHORIZATION: {
+        "USER": POP3Connection._user,
+        "PASS": POP3Connection._pass,
+        "APOP": POP3Connection._apop,
+        "AUTH": POP3Connection._auth,
+        "STLS": POP3Connection._stls,
+        "QUIT": POP3Connection._quit,
+        "CAPA": POP3Connection._capa,
+    },
+    State.TRANSACTION: {
+        "STAT": POP3Connection._stat,
+        "LIST": POP3Connection._list,
+        "RETR": POP3Connection._retr,
+        "DELE": POP3Connection._dele,
+        "NOOP": POP3Connection._noop,
+        "RSET": POP3Connection._rset,
+        "QUIT": POP3Connection._quit,
+        "TOP": POP3Connection._top,
+        "UIDL": POP3Connection._uidl,
+        "CAPA": POP3Connection._capa,
+    },
+}
+_KNOWN = frozenset(name for table in _COMMANDS.values() for name in table)

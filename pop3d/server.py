@@ -109,6 +109,7 @@ class Server:
         self._listeners: list[trio.SocketListener] = []
         self._table: ConnectionTable[Session] = ConnectionTable()
         self._login_slots = LoginSlots(self._options.max_logins_per_ip)
+        self._settings_cache: tuple[ServerOptions, ssl.SSLContext | None, SessionSettings] | None = None
         self._ids = itertools.count(1)
         self._transition = trio.Lock()
         self._destroying = trio.Event()
@@ -368,8 +369,12 @@ class Server:
     # -- connections ----------------------------------------------------
 
     def _settings(self) -> SessionSettings:
+        # One for all the sessions started under the same options: each idle session would otherwise hold a copy.
+        cached = self._settings_cache
+        if cached is not None and cached[0] is self._options and cached[1] is self._tls_context:
+            return cached[2]
         options = self._options
-        return SessionSettings(
+        settings = SessionSettings(
             server=self.name,
             hostname=options.hostname,
             auth=options.auth,
@@ -390,6 +395,8 @@ class Server:
             sessions_of=self._table.sessions_of,
             login_slots=self._login_slots,
         )
+        self._settings_cache = (options, self._tls_context, settings)
+        return settings
 
     async def _accept(self, stream: trio.abc.Stream) -> None:
         await self.serve_stream(stream, _peer_of(stream))

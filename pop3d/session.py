@@ -137,6 +137,32 @@ async def _secret_matches(credentials: Credentials, secret: str | HashedPassword
 class Session:
     """A POP3 session on ``stream`` with the client at ``peer`` (host, port)."""
 
+    # Slots: thousands of idle sessions each hold one of these.
+    __slots__ = (
+        "_cancel_scope",
+        "_close_reason",
+        "_first_data",
+        "_login_deadline",
+        "_stats",
+        "_tls_pending",
+        "_uids",
+        "bytes_sent",
+        "commands",
+        "conn_id",
+        "deleted_count",
+        "finished",
+        "last_activity",
+        "logging_in",
+        "mailbox",
+        "peer",
+        "protocol",
+        "retrieved",
+        "settings",
+        "started",
+        "storage",
+        "stream",
+    )
+
     def __init__(
         self,
         conn_id: str,

@@ -173,25 +173,33 @@ def parse_responses(out: bytes) -> list[Response]:
 # -- running the engine -----------------------------------------------------
 
 
+class RecordingConnection(POP3Connection):
+    """An engine that records the size of each batch of replies it hands out."""
+
+    __slots__ = ("batches",)
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.batches: list[int] = []
+
+    def data_to_send(self) -> bytes:
+        batch = super().data_to_send()
+        self.batches.append(len(batch))
+        return batch
+
+
 class Run:
     """Feeds chunks to a ``Driver`` and checks the buffer bounds after every step."""
 
     def __init__(self, conn_args: dict[str, Any], driver_args: dict[str, bool]) -> None:
-        self.conn = new_conn(**conn_args)
+        self.conn = new_conn(connection_class=RecordingConnection, **conn_args)
+        assert isinstance(self.conn, RecordingConnection)
         self.driver = Driver(self.conn, **driver_args)
         self.out = bytearray()
-        self.batches: list[int] = []
+        self.batches = self.conn.batches
         self.stls_offsets: list[int] = []  # input offsets right after each chunk that started TLS
         self.received = 0
         self._limit = self.conn._line_limit()  # the line limit when the engine last needed data
-        data_to_send = self.conn.data_to_send
-
-        def recorded() -> bytes:
-            batch = data_to_send()
-            self.batches.append(len(batch))
-            return batch
-
-        self.conn.data_to_send = recorded  # type: ignore[method-assign]
 
     def send(self, chunk: bytes) -> None:
         conn, driver = self.conn, self.driver

@@ -111,10 +111,10 @@ class Driver:
             self.conn.login_succeeded(SIZES)
 
 
-def new_conn(**kwargs: Any) -> POP3Connection:
+def new_conn(connection_class: type[POP3Connection] = POP3Connection, **kwargs: Any) -> POP3Connection:
     """An engine; unless told otherwise, the client may send passwords (a trusted network)."""
     kwargs.setdefault("cleartext_allowed", True)
-    return POP3Connection(challenge=CHALLENGE, implementation=IMPLEMENTATION, **kwargs)
+    return connection_class(challenge=CHALLENGE, implementation=IMPLEMENTATION, **kwargs)
 
 
 def run(
