@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pop3d.message import MessageWriter, canonical_size, encode_message
 
@@ -106,3 +108,34 @@ def test_blank_line_split_across_chunks_with_crlf() -> None:
     writer = MessageWriter(0)
     out = writer.feed(b"H: v\r") + writer.feed(b"\n\r") + writer.feed(b"\nbody\r\n") + writer.finish()
     assert out == b"H: v\r\n\r\n.\r\n"
+
+
+def reference_encoding(data: bytes) -> bytes:
+    """RFC 1939 by the letter, line by line: CRLF line ends, a final CRLF, dot-stuffing, the end."""
+    text = data.replace(b"\r\n", b"\n")
+    lines = text.split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()  # the message ended with a line end
+    return b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines) + b".\r\n"
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(st.sampled_from([b"a", b".", b"\n", b"\r", b"\r\n", b"..", b"\n.", b"x" * 5]), max_size=60),
+    st.lists(st.integers(min_value=1, max_value=7), min_size=1, max_size=10),
+)
+def test_any_chunking_gives_the_reference_encoding(parts: list[bytes], cuts: list[int]) -> None:
+    data = b"".join(parts)
+    writer = MessageWriter()
+    out, pos, n = b"", 0, 0
+    while pos < len(data):
+        step = cuts[n % len(cuts)]
+        out += writer.feed(data[pos : pos + step])
+        pos, n = pos + step, n + 1
+    out += writer.finish()
+    assert out == reference_encoding(data)
+    assert out == encode_message(data)
+    # What a client reads back (the end line removed, each stuffed dot dropped) is canonical_size long.
+    body = out[: -len(b".\r\n")]
+    unstuffed = sum(len(line) - line.startswith(b".") for line in body.split(b"\r\n")) + 2 * body.count(b"\r\n")
+    assert unstuffed == canonical_size(data)
