@@ -54,7 +54,7 @@ import trio
 
 from . import maildir_index
 from .callbacks import MailboxUnavailable, MessageData
-from .maildir_index import INDEX_NAME, DirTimes, Listing
+from .maildir_index import INDEX_NAME, DirTimes, Listing, unique_name
 from .protocol import valid_uid
 
 __all__ = ["CHUNK_SIZE", "INDEX_NAME", "LOCK_NAME", "READ_AHEAD", "MaildirStorage"]
@@ -104,11 +104,6 @@ def _uid_for(key: str) -> str:
     if valid_uid(key):
         return key
     return "sha1-" + hashlib.sha1(os.fsencode(key)).hexdigest()
-
-
-def _unique(name: str) -> str:
-    """The Maildir unique name: what does not change when flags do."""
-    return name.partition(":")[0]
 
 
 def _delivery_seconds(unique: str, mtime_ns: int) -> int:
@@ -390,12 +385,12 @@ def _scan(dirs: _Dirs, old: Listing | None) -> tuple[Listing, dict[str, str]]:
     known: dict[str, int] = {}
     if old is not None:
         for i, name in enumerate(old.names):
-            known.setdefault(_unique(name), i)
+            known.setdefault(unique_name(name), i)
     found: list[tuple[int, str, str, str, int, int, int]] = []
     skipped: dict[str, str] = {}
     for subdir, entry in _message_files(dirs):
         name = entry.name
-        unique = _unique(name)
+        unique = unique_name(name)
         at = known.get(unique)
         if at is not None and old is not None:
             try:
@@ -506,14 +501,14 @@ def _find_moved(dirs: _Dirs, listing: Listing, positions: Sequence[int]) -> dict
     hold our lock (it does not know it); the unique name stays, and so do
     the size and mtime.  Returns position -> (subdir, name).
     """
-    wanted = {(_unique(listing.names[i]), listing.file_sizes[i], listing.mtimes[i]): i for i in positions}
+    wanted = {(unique_name(listing.names[i]), listing.file_sizes[i], listing.mtimes[i]): i for i in positions}
     moved: dict[int, tuple[str, str]] = {}
     for subdir, entry in _message_files(dirs):
         try:
             st = entry.stat(follow_symlinks=False)
         except FileNotFoundError:
             continue
-        i = wanted.get((_unique(entry.name), st.st_size, st.st_mtime_ns))
+        i = wanted.get((unique_name(entry.name), st.st_size, st.st_mtime_ns))
         if i is not None and i not in moved:
             moved[i] = (subdir, entry.name)
     return moved
@@ -529,14 +524,14 @@ def _open_regular(dirs: _Dirs, subdir: str, name: str) -> int:
 
 def _open_message(dirs: _Dirs, listing: Listing, i: int) -> int:
     try:
-        return _open_regular(dirs, listing.subdirs[i], listing.names[i])
+        return _open_regular(dirs, listing.subdir(i), listing.names[i])
     except FileNotFoundError:
         pass
     where = _find_moved(dirs, listing, [i]).get(i)
     if where is None:
-        path = os.path.join(dirs.path, listing.subdirs[i], listing.names[i])
+        path = os.path.join(dirs.path, listing.subdir(i), listing.names[i])
         raise FileNotFoundError(errno.ENOENT, "message file vanished", path)
-    listing.subdirs[i], listing.names[i] = where
+    listing.moved(i, *where)
     return _open_regular(dirs, *where)
 
 
@@ -579,7 +574,7 @@ def _read_message(dirs: _Dirs, listing: Listing, i: int, chunk_size: int, ahead_
         if size >= budget:
             break
         try:
-            fd = _open_regular(dirs, listing.subdirs[j], listing.names[j])
+            fd = _open_regular(dirs, listing.subdir(j), listing.names[j])
         except OSError:
             break  # moved or gone: its own RETR will look for it
         try:
@@ -606,8 +601,8 @@ def _delete(drop: _Maildrop, doomed: Sequence[int]) -> None:
     touched: set[str] = set()
     for i in doomed:
         try:
-            os.unlink(listing.names[i], dir_fd=dirs.subdirs[listing.subdirs[i]])
-            touched.add(listing.subdirs[i])
+            os.unlink(listing.names[i], dir_fd=dirs.subdirs[listing.subdir(i)])
+            touched.add(listing.subdir(i))
         except FileNotFoundError:
             missing.append(i)
     if missing:
@@ -812,7 +807,7 @@ class MaildirStorage:
 
     async def uidl(self, mbox: str, msg: int) -> str:
         """The unique id of message ``msg``: stable across sessions and flag changes."""
-        return self._drop(mbox).listing.uids[self._position(mbox, msg)]
+        return self._drop(mbox).listing.uid(self._position(mbox, msg))
 
     async def listing(self, mbox: str) -> tuple[Sequence[int], Sequence[str]]:
         """Every message's size and UIDL at once (:class:`~pop3d.callbacks.Listing`; no I/O)."""

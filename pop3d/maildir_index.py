@@ -27,10 +27,22 @@ import os
 import re
 import stat
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from array import array
+from collections.abc import Sequence
+from typing import overload
 
-__all__ = ["FORMAT", "INDEX_NAME", "MAX_INDEX_SIZE", "TRUST_AFTER_NS", "DirTimes", "Listing", "load", "write"]
+__all__ = [
+    "FORMAT",
+    "INDEX_NAME",
+    "MAX_INDEX_SIZE",
+    "TRUST_AFTER_NS",
+    "DirTimes",
+    "Listing",
+    "load",
+    "trusted_times",
+    "unique_name",
+    "write",
+]
 
 log = logging.getLogger("pop3d.maildir")
 
@@ -46,49 +58,109 @@ _SIZE_LIMIT = 2**53
 _MTIME_LIMIT = 2**63
 # Every UIDL at once, joined by LF: 1 to 70 characters from 0x21 to 0x7E each.
 _UIDS = re.compile(r"[\x21-\x7e]{1,70}(?:\n[\x21-\x7e]{1,70})*")
-_SUBDIR_CODES = {"new": "n", "cur": "c"}
-_SUBDIRS = {"n": "new", "c": "cur"}
+_CODES = {"new": ord("n"), "cur": ord("c")}
+_SUBDIRS = {code: subdir for subdir, code in _CODES.items()}
 
 DirTimes = dict[str, int]
 """``{"new": mtime_ns, "cur": mtime_ns}``: the directories' times a listing is good for."""
 
 
-@dataclass(slots=True)
-class Listing:
-    """A Maildir's messages in delivery order, one list per field."""
+def unique_name(name: str) -> str:
+    """The Maildir unique name of file ``name``: what does not change when flags do."""
+    return name.partition(":")[0]
 
-    subdirs: list[str] = field(default_factory=list)  # "new" or "cur", where the file was seen
-    names: list[str] = field(default_factory=list)  # file names, flags included
-    file_sizes: list[int] = field(default_factory=list)
-    mtimes: list[int] = field(default_factory=list)  # ns
-    sizes: list[int] = field(default_factory=list)  # canonical octets (CRLF line ends)
-    uids: list[str] = field(default_factory=list)
+
+class Listing:
+    """A Maildir's messages in delivery order, one compact column per field.
+
+    Sizes and times are machine integers (``array``), and a UIDL that is
+    the file's unique name (the usual case) is not stored at all: an idle
+    session holds its maildrop's listing, and thousands of them add up.
+    """
+
+    __slots__ = ("_codes", "_uids", "file_sizes", "mtimes", "names", "sizes")
+
+    def __init__(self) -> None:
+        self._codes = bytearray()  # b"n" (new/) or b"c" (cur/) per message
+        self.names: list[str] = []  # file names, flags included
+        self.file_sizes = array("q")
+        self.mtimes = array("q")  # ns
+        self.sizes = array("q")  # canonical octets (CRLF line ends)
+        self._uids: list[str | None] = []  # None: the unique name is the UIDL
 
     def __len__(self) -> int:
         return len(self.names)
 
     def append(self, subdir: str, name: str, file_size: int, mtime: int, size: int, uid: str) -> None:
         """Add one message at the end."""
-        self.subdirs.append(subdir)
+        self._codes.append(_CODES[subdir])
         self.names.append(name)
         self.file_sizes.append(file_size)
         self.mtimes.append(mtime)
         self.sizes.append(size)
-        self.uids.append(uid)
+        self._uids.append(None if uid == unique_name(name) else uid)
+
+    def subdir(self, i: int) -> str:
+        """``"new"`` or ``"cur"``: where message ``i`` (0-based) was seen."""
+        return _SUBDIRS[self._codes[i]]
+
+    def uid(self, i: int) -> str:
+        """The UIDL of message ``i`` (0-based)."""
+        uid = self._uids[i]
+        return unique_name(self.names[i]) if uid is None else uid
+
+    @property
+    def uids(self) -> Sequence[str]:
+        """Every UIDL, in order (a view, computed as it is read)."""
+        return _Uids(self)
+
+    def moved(self, i: int, subdir: str, name: str) -> None:
+        """Message ``i``'s file is now ``subdir/name`` (renamed by another program); its UIDL stays."""
+        uid = self.uid(i)
+        self._codes[i] = _CODES[subdir]
+        self.names[i] = name
+        self._uids[i] = None if uid == unique_name(name) else uid
 
     def without(self, positions: set[int]) -> Listing:
         """A copy without the messages at ``positions`` (0-based)."""
+        copy = Listing()
+        for i in range(len(self)):
+            if i not in positions:
+                copy.append(
+                    self.subdir(i), self.names[i], self.file_sizes[i], self.mtimes[i], self.sizes[i], self.uid(i)
+                )
+        return copy
 
-        def keep(column: list[Any]) -> list[Any]:
-            return [value for i, value in enumerate(column) if i not in positions]
-
-        return Listing(*(keep(column) for column in self._columns()))
-
-    def _columns(self) -> tuple[list[Any], ...]:
-        return (self.subdirs, self.names, self.file_sizes, self.mtimes, self.sizes, self.uids)
+    def _columns(self) -> tuple[object, ...]:
+        return (self._codes, self.names, self.file_sizes, self.mtimes, self.sizes, self._uids)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Listing) and self._columns() == other._columns()
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class _Uids(Sequence[str]):
+    __slots__ = ("_listing",)
+
+    def __init__(self, listing: Listing) -> None:
+        self._listing = listing
+
+    def __len__(self) -> int:
+        return len(self._listing)
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[str]: ...
+    def __getitem__(self, i: int | slice) -> str | list[str]:
+        if isinstance(i, slice):
+            return [self._listing.uid(n) for n in range(len(self._listing))[i]]
+        if i < 0:
+            i += len(self._listing)
+        if not 0 <= i < len(self._listing):
+            raise IndexError(i)
+        return self._listing.uid(i)
 
 
 def _read_file(dir_fd: int) -> bytes:
@@ -133,10 +205,11 @@ def _names_ok(names: object) -> bool:
     )
 
 
-def _uids_ok(uids: object) -> bool:
-    if type(uids) is not list or not all(type(uid) is str for uid in uids):
+def _uids_ok(names: list[str], uids: list[object]) -> bool:
+    if not all(uid is None or type(uid) is str for uid in uids):
         return False
-    return not uids or (_UIDS.fullmatch("\n".join(uids)) is not None and len(set(uids)) == len(uids))
+    full = [unique_name(name) if uid is None else uid for name, uid in zip(names, uids, strict=True)]
+    return not full or (_UIDS.fullmatch("\n".join(full)) is not None and len(set(full)) == len(full))  # type: ignore[arg-type]
 
 
 def _parse(data: bytes) -> tuple[Listing, DirTimes]:
@@ -151,18 +224,26 @@ def _parse(data: bytes) -> tuple[Listing, DirTimes]:
     file_sizes, mtimes, sizes, uids = (columns.get(key) for key in ("file_size", "mtime", "size", "uid"))
     if not (
         isinstance(codes, str)
-        and set(codes) <= set(_SUBDIRS)
+        and codes.isascii()
+        and set(codes.encode()) <= set(_SUBDIRS)
         and _names_ok(names)
         and _ints(file_sizes, 0, _SIZE_LIMIT)
         and _ints(mtimes, -_MTIME_LIMIT, _MTIME_LIMIT)
         and _ints(sizes, 0, _SIZE_LIMIT)
-        and _uids_ok(uids)
+        and type(uids) is list
         and len({len(codes), len(names), len(file_sizes), len(mtimes), len(sizes), len(uids)}) == 1  # type: ignore[arg-type]
+        and _uids_ok(names, uids)  # type: ignore[arg-type]
     ):
         raise ValueError("malformed entries")
-    times = {subdir: value for subdir, value in dirs.items() if subdir in _SUBDIR_CODES and type(value) is int}
-    subdirs = [_SUBDIRS[code] for code in codes]
-    return Listing(subdirs, names, file_sizes, mtimes, sizes, uids), times  # type: ignore[arg-type]
+    times = {subdir: value for subdir, value in dirs.items() if subdir in _CODES and type(value) is int}
+    listing = Listing()
+    listing._codes = bytearray(codes.encode())
+    listing.names = names  # type: ignore[assignment]
+    listing.file_sizes = array("q", file_sizes)  # type: ignore[arg-type]
+    listing.mtimes = array("q", mtimes)  # type: ignore[arg-type]
+    listing.sizes = array("q", sizes)  # type: ignore[arg-type]
+    listing._uids = uids
+    return listing, times
 
 
 def load(dir_fd: int, where: str) -> tuple[Listing, DirTimes] | None:
@@ -193,12 +274,12 @@ def write(dir_fd: int, where: str, listing: Listing, times: DirTimes) -> None:
         "format": FORMAT,
         "dirs": times,
         "messages": {
-            "subdir": "".join(_SUBDIR_CODES[subdir] for subdir in listing.subdirs),
+            "subdir": listing._codes.decode(),
             "name": listing.names,
-            "file_size": listing.file_sizes,
-            "mtime": listing.mtimes,
-            "size": listing.sizes,
-            "uid": listing.uids,
+            "file_size": listing.file_sizes.tolist(),
+            "mtime": listing.mtimes.tolist(),
+            "size": listing.sizes.tolist(),
+            "uid": listing._uids,  # null: the unique name
         },
     }
     data = json.dumps(doc, separators=(",", ":")).encode()

@@ -24,7 +24,7 @@ from pop3d import maildir as maildir_module
 from pop3d.callbacks import MailboxUnavailable, iterate_message, sync_storage
 from pop3d.maildir import INDEX_NAME, LOCK_NAME, MaildirStorage
 
-from .test_maildir import deliver, make_maildir, read_all, session, unique_name
+from .test_maildir import deliver, index_uids, make_maildir, read_all, session, unique_name
 
 PROMPT = 2.0  # seconds a cancelled call may take to return: far less than the 10 s a hung helper waits
 
@@ -322,7 +322,7 @@ def bad_uid(index: dict[str, Any]) -> str:
 
 
 def same_uid_twice(index: dict[str, Any]) -> str:
-    index["messages"]["uid"][1] = index["messages"]["uid"][0]
+    index["messages"]["uid"][1] = index["messages"]["name"][0].partition(":")[0]
     return json.dumps(index)
 
 
@@ -390,9 +390,8 @@ async def test_malformed_index_is_ignored_and_rebuilt(
     assert len(logged) == 1, logged
     assert "index" in logged[0]
     assert "\n" not in logged[0]
-    messages = good_index(box)["messages"]
-    assert messages["uid"] == first[1]
-    assert messages["size"] == first[0]
+    assert index_uids(box) == first[1]
+    assert good_index(box)["messages"]["size"] == first[0]
 
 
 async def test_damaged_index_of_an_empty_maildir_is_rewritten(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -566,7 +565,7 @@ async def test_cancelled_dele_finishes_in_the_background_holding_the_lock(
     assert [await other.uidl("alice", n) for n in (1, 2)] == [unique_name(2), unique_name(4)]
     await other.unlock("alice")
     monkeypatch.undo()
-    assert good_index(box)["messages"]["uid"] == [unique_name(2), unique_name(4)]
+    assert index_uids(box) == [unique_name(2), unique_name(4)]
     assert sorted(os.listdir(box / "new")) == [unique_name(2), unique_name(4)]
     assert open_fds() == fds
 
