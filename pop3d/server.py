@@ -282,7 +282,7 @@ class Server:
                 nursery = self._nursery
                 assert nursery is not None
                 await trio.serve_listeners(
-                    self._accept,
+                    self.serve_stream,  # called directly: one coroutine frame less per idle connection
                     listeners,
                     handler_nursery=nursery,
                     task_status=_Started(task_status, scope),
@@ -398,19 +398,20 @@ class Server:
         self._settings_cache = (options, self._tls_context, settings)
         return settings
 
-    async def _accept(self, stream: trio.abc.Stream) -> None:
-        await self.serve_stream(stream, _peer_of(stream))
-
-    async def serve_stream(self, stream: trio.abc.Stream, peer: tuple[str, int] = ("", 0)) -> None:
+    async def serve_stream(self, stream: trio.abc.Stream, peer: tuple[str, int] | None = None) -> None:
         """Serve one POP3 session on ``stream`` (from a listener, or a memory stream).
 
         Returns when the session is over.  The listener calls this for each
         connection; tests call it with one end of
-        :func:`trio.testing.memory_stream_pair`.  From an address in
+        :func:`trio.testing.memory_stream_pair`.  ``peer`` is the client's
+        (host, port); by default the socket's peer, if there is a socket,
+        else ``("", 0)``.  From an address in
         ``proxy_protocol_from``, a PROXY header comes first and says who the
         client really is.  Once the server is exiting or destroyed, new
         connections are closed at once.
         """
+        if peer is None:
+            peer = _peer_of(stream)
         options = self._options
         # On a POP3S port a plain-text -ERR would reach the client as garbage.
         answer = not options.implicit_tls
@@ -454,7 +455,7 @@ class Server:
             if self._exiting() and not len(self._table):
                 self._destroying.set()
 
-    def connect(self, stream: trio.abc.Stream, peer: tuple[str, int] = ("", 0)) -> None:
+    def connect(self, stream: trio.abc.Stream, peer: tuple[str, int] | None = None) -> None:
         """Start serving ``stream`` as a connection task of this server.
 
         Like an accepted connection, it is closed by ``destroy("kill")``.

@@ -121,10 +121,6 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() and not c.isspace() else "?" for c in text[:64])
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
 async def _secret_matches(credentials: Credentials, secret: str | HashedPassword) -> bool:
     """Whether ``credentials`` prove the user's stored ``secret``, whatever the mechanism."""
     if isinstance(secret, str):
@@ -142,8 +138,12 @@ class Session:
         "_cancel_scope",
         "_close_reason",
         "_first_data",
+        "_kicked",
+        "_last_activity",
         "_login_deadline",
+        "_started",
         "_stats",
+        "_timeout_reply",
         "_tls_pending",
         "_uids",
         "bytes_sent",
@@ -151,14 +151,12 @@ class Session:
         "conn_id",
         "deleted_count",
         "finished",
-        "last_activity",
         "logging_in",
         "mailbox",
         "peer",
         "protocol",
         "retrieved",
         "settings",
-        "started",
         "storage",
         "stream",
     )
@@ -192,13 +190,14 @@ class Session:
         #: Whether a login attempt is being checked (or waits its turn): such a session is not evicted.
         self.logging_in = False
         self._login_deadline = trio.current_time() + settings.login_timeout if settings.login_timeout > 0 else math.inf
-        self.started = _now()
-        self.last_activity = self.started
+        self._started = self._last_activity = time.time()
         self.retrieved = 0
         self.bytes_sent = 0
         self.deleted_count = 0
         self.commands = 0
         self._close_reason: str | None = None
+        self._kicked = False  # close() was called
+        self._timeout_reply = replies.IDLE_TIMEOUT  # what a passed deadline in _receive means
         self._uids: Sequence[str] | None = None  # every message's UIDL, when the storage lists them at login
         # TLS is due (POP3S, or STLS accepted) and not done: a plain "-ERR" (a
         # kick, an error) would reach the client as garbage, so none is sent.
@@ -225,6 +224,16 @@ class Session:
     def user(self) -> str:
         """The user name the client gave (USER, APOP or AUTH), or empty."""
         return self.protocol.user
+
+    @property
+    def started(self) -> datetime:
+        """When the connection came."""
+        return datetime.fromtimestamp(self._started, UTC)
+
+    @property
+    def last_activity(self) -> datetime:
+        """When the client last sent something."""
+        return datetime.fromtimestamp(self._last_activity, UTC)
 
     @property
     def closing(self) -> bool:
@@ -281,6 +290,7 @@ class Session:
         if reason is not None and (len(reason) > MAX_REASON or not reason.isprintable()):
             raise ValueError(f"a reason is one line of printable text, at most {MAX_REASON} characters")
         self._close_reason = reason
+        self._kicked = True
         self._cancel_scope.cancel()
 
     # -- the driver -----------------------------------------------------
@@ -291,8 +301,13 @@ class Session:
         try:
             with self._cancel_scope:
                 await self._serve()
-            if self._cancel_scope.cancelled_caught and self._close_reason:
-                self.protocol.close(self._close_reason)
+            if self._cancel_scope.cancelled_caught:
+                if not self._kicked:
+                    # The deadline of a wait for the client (see _receive).
+                    log.info("session %s from %s: %s", self.conn_id, self.address or "-", self._timeout_reply)
+                    self.protocol.close(self._timeout_reply)
+                elif self._close_reason:
+                    self.protocol.close(self._close_reason)
                 await self._send_last()
         except _ConnectionLost:
             pass
@@ -373,27 +388,26 @@ class Session:
         return idle, replies.IDLE_TIMEOUT
 
     async def _receive(self) -> None:
-        data: bytes | bytearray = b""
-        deadline, text = self._deadline()
-        with trio.move_on_at(deadline):
-            try:
-                data = await self.stream.receive_some(RECEIVE_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise _ConnectionLost from exc
-            if not data:
-                raise _ConnectionLost  # the client closed its end
-            if self._first_data and self._is_proxy_header(data):
-                self.protocol.close(replies.PROXY_REFUSED)
-                await self._send_last()
-                raise _ConnectionLost
-            self._first_data = False
-            self.last_activity = _now()
-            self.protocol.receive_data(data)
-            return
-        log.info("session %s from %s: %s", self.conn_id, self.address or "-", text)
-        self.protocol.close(text)
-        await self._send_last()
-        raise _ConnectionLost
+        # The wait is timed by the session's own scope, not a scope of its
+        # own: an idle session then holds one cancel scope, not two.  If the
+        # deadline passes, run() answers with _timeout_reply.
+        scope = self._cancel_scope
+        scope.deadline, self._timeout_reply = self._deadline()
+        try:
+            data = await self.stream.receive_some(RECEIVE_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise _ConnectionLost from exc
+        finally:
+            scope.deadline = math.inf
+        if not data:
+            raise _ConnectionLost  # the client closed its end
+        if self._first_data and self._is_proxy_header(data):
+            self.protocol.close(replies.PROXY_REFUSED)
+            await self._send_last()
+            raise _ConnectionLost
+        self._first_data = False
+        self._last_activity = time.time()
+        self.protocol.receive_data(data)
 
     def _idle_timeout(self) -> float:
         return self.settings.idle_timeout if self.settings.idle_timeout > 0 else math.inf
