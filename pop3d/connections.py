@@ -60,6 +60,7 @@ class Tracked(Protocol):
 
 
 T = TypeVar("T", bound=Tracked)
+_G = TypeVar("_G")
 
 
 class Verdict(enum.Enum):
@@ -84,7 +85,10 @@ class ConnectionTable(Generic[T]):
 
     def __init__(self) -> None:
         self._by_id: dict[str, T] = {}  # insertion order: oldest first
-        self._by_address: dict[str, dict[str, T]] = {}
+        # Kept apart so that a newcomer's checks look only at its peers that
+        # matter, not at thousands of logged-in sessions from the same address:
+        self._waiting: dict[str, dict[str, T]] = {}  # address key -> connections not logged in
+        self._users: dict[tuple[str, str], dict[str, T]] = {}  # (address key, user) -> logged-in sessions
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -103,7 +107,16 @@ class ConnectionTable(Generic[T]):
     def add(self, conn_id: str, session: T) -> None:
         """Count a new connection."""
         self._by_id[conn_id] = session
-        self._by_address.setdefault(_key(session.address), {})[conn_id] = session
+        self._waiting.setdefault(_key(session.address), {})[conn_id] = session
+
+    def logged_in(self, conn_id: str) -> None:
+        """Connection ``conn_id`` has logged in (as its ``user``)."""
+        session = self._by_id.get(conn_id)
+        if session is None:
+            return
+        key = _key(session.address)
+        _discard(self._waiting, key, conn_id)
+        self._users.setdefault((key, session.user), {})[conn_id] = session
 
     def remove(self, conn_id: str) -> None:
         """Forget a connection that has ended."""
@@ -111,11 +124,8 @@ class ConnectionTable(Generic[T]):
         if session is None:
             return
         key = _key(session.address)
-        peers = self._by_address.get(key)
-        if peers is not None:
-            peers.pop(conn_id, None)
-            if not peers:
-                del self._by_address[key]
+        _discard(self._waiting, key, conn_id)
+        _discard(self._users, (key, session.user), conn_id)
 
     def admit(self, address: str, *, max_connections: int, max_per_address: int) -> Admission[T]:
         """Whether a newcomer from ``address`` gets in, and whom it displaces."""
@@ -134,15 +144,23 @@ class ConnectionTable(Generic[T]):
 
     def waiting_from(self, address: str) -> int:
         """Connections from ``address`` (its /64) that have not logged in (and are not closing)."""
-        peers = self._by_address.get(_key(address), {})
+        peers = self._waiting.get(_key(address), {})
         return sum(1 for session in peers.values() if not session.logged_in and not session.closing)
 
     def sessions_of(self, user: str, address: str) -> int:
         """Logged-in sessions of ``user`` from ``address`` (its /64)."""
-        peers = self._by_address.get(_key(address), {})
+        peers = self._users.get((_key(address), user), {})
         return sum(1 for session in peers.values() if session.logged_in and session.user == user)
 
 
 def _key(address: str) -> str:
     # One host can roam a whole IPv6 /64: it counts as one address, as for penalties.
     return address_key(address) or address
+
+
+def _discard(groups: dict[_G, dict[str, T]], group: _G, conn_id: str) -> None:
+    peers = groups.get(group)
+    if peers is not None:
+        peers.pop(conn_id, None)
+        if not peers:
+            del groups[group]

@@ -393,6 +393,7 @@ class Server:
             penalties=options.penalties,
             max_userip_connections=options.max_userip_connections,
             sessions_of=self._table.sessions_of,
+            on_login=self._table.logged_in,
             login_slots=self._login_slots,
         )
         self._settings_cache = (options, self._tls_context, settings)
