@@ -409,10 +409,6 @@ class Session:
         scope.deadline, self._timeout_reply = self._deadline()
         stream = self.stream
         try:
-            if type(stream) is trio.SocketStream:
-                # Wait here, not in receive_some: an idle session then holds
-                # two coroutine frames less (about 1 kB).
-                await trio.lowlevel.wait_readable(stream.socket)
             data = await stream.receive_some(RECEIVE_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise _ConnectionLost from exc

@@ -172,13 +172,23 @@ async def test_unreadable_message_is_skipped_and_logged_once(
     assert len(logged) == 1, logged  # once while it stays unreadable, not at every login
     assert str(bad) in logged[0]
     assert "\n" not in logged[0]
-    # Fine again, then bad again: logged again.
+    # Fine again: served.
     spoiled_after_listing["how"] = None
     make_regular(bad)
     assert (await session(storage))[1] == [unique_name(n) for n in (1, 2, 3)]
+    # Spoiled once known (by name, from the index): still listed, but never read through.
     spoiled_after_listing["how"] = how
-    assert len((await session(storage))[1]) == 2
-    assert len(warnings_of(caplog)) == 2
+    with trio.fail_after(5):
+        assert await storage.lock("alice")
+        assert await storage.stat("alice") == 3
+        with pytest.raises(OSError):
+            await storage.get("alice", 2)
+        await storage.unlock("alice")
+    # Spoiled before a listing: no longer a file, no longer a message.
+    spoiled_after_listing["how"] = None
+    make_regular(bad)
+    spoil(bad, how)
+    assert (await session(storage))[1] == [unique_name(1), unique_name(3)]
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file of mode 000")
