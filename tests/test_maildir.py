@@ -380,6 +380,19 @@ async def test_unchanged_directories_are_not_listed_again(tmp_path: Path, listed
     assert listed == [str(box)]
 
 
+async def test_a_late_delivery_of_old_mail_takes_its_place_in_delivery_order(tmp_path: Path) -> None:
+    box = make_maildir(tmp_path)
+    for n in (1, 3, 5):
+        deliver(box, b"msg %d\n" % n, unique_name(n))
+    assert (await session(MaildirStorage(tmp_path)))[1] == [unique_name(n) for n in (1, 3, 5)]
+    # A message stamped between them arrives late (a restored backup, a slow relay), and one is flagged.
+    deliver(box, b"msg 2\n", unique_name(2))
+    os.rename(box / "new" / unique_name(3), box / "cur" / (unique_name(3) + ":2,S"))
+    sizes, uids = await session(MaildirStorage(tmp_path))
+    assert uids == [unique_name(n) for n in (1, 2, 3, 5)]
+    assert sizes == [7, 7, 7, 7]
+
+
 async def test_recent_directory_times_are_not_trusted(tmp_path: Path, listed: list[str]) -> None:
     # Changed less than two seconds ago: a change in the same clock tick could go unseen.
     box = make_maildir(tmp_path)
