@@ -48,6 +48,7 @@ import logging
 import os
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -305,6 +306,8 @@ class _Maildrop:
     skipped: dict[str, str] = field(default_factory=dict)  # unreadable message path -> why
     #: Messages read ahead with an earlier one (0-based position -> bytes), for the next RETR.
     read_ahead: dict[int, bytes] = field(default_factory=dict)
+    #: The position a client reading in order asks for next: reading ahead starts at the second in a row.
+    next_position: int = -1
     _guard: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _users: int = field(default=0, init=False)  # worker threads in run()
     _unlocked: bool = field(default=False, init=False)
@@ -386,10 +389,18 @@ def _scan(dirs: _Dirs, old: Listing | None) -> tuple[Listing, dict[str, str]]:
     listing, one read and a merge.  Returns the listing and the message
     files left out because they cannot be read (path -> why).
     """
-    known: dict[str, int] = {}
+    exact: dict[tuple[str, str], int] = {}
+    renamed: dict[str, int] = {}  # unique name -> position, for unique names the old listing has once
     if old is not None:
+        exact = {(old.subdir(i), name): i for i, name in enumerate(old.names)}
+        twice: set[str] = set()
         for i, name in enumerate(old.names):
-            known.setdefault(unique_name(name), i)
+            unique = unique_name(name)
+            if unique in renamed:
+                twice.add(unique)
+            renamed[unique] = i
+        for unique in twice:
+            del renamed[unique]  # copies: matched by their exact names only
     seen_at: list[tuple[str, str] | None] = [None] * (
         len(old) if old is not None else 0
     )  # where each known file is now
@@ -398,7 +409,9 @@ def _scan(dirs: _Dirs, old: Listing | None) -> tuple[Listing, dict[str, str]]:
     for subdir, entry in _message_files(dirs):
         name = entry.name
         unique = unique_name(name)
-        at = known.get(unique)
+        at = exact.get((subdir, name))
+        if at is None:
+            at = renamed.get(unique)  # a flag change or a move from new/ to cur/
         if at is not None and seen_at[at] is None:
             seen_at[at] = (subdir, name)
             continue
@@ -425,11 +438,11 @@ def _scan(dirs: _Dirs, old: Listing | None) -> tuple[Listing, dict[str, str]]:
     if old is not None:
         # The known files, in their old order, which is delivery order still (their unique names and
         # times have not changed); the sort only checks that, unless the index was edited by hand.
-        kept = [
-            (_delivery_seconds(unique, old.mtimes[i]), unique, *where, old.file_sizes[i], old.mtimes[i], old.sizes[i])
-            for i, where in enumerate(seen_at)
-            if where is not None and (unique := unique_name(old.names[i]))
-        ]
+        kept: list[tuple[int, str, str, str, int, int, int]] = []
+        for i, where in enumerate(seen_at):
+            if where is not None:
+                unique, mtime = unique_name(old.names[i]), old.mtimes[i]
+                kept.append((_delivery_seconds(unique, mtime), unique, *where, old.file_sizes[i], mtime, old.sizes[i]))
         kept.sort()
         found = heapq.merge(kept, fresh)
     listing = Listing()
@@ -449,6 +462,7 @@ def _read_listing(dirs: _Dirs) -> tuple[Listing, dict[str, str]]:
     The index is rewritten when the listing or the times it is good for differ.
     """
     # Taken before the scan: a change during it then shows as a newer time next time.
+    taken = time.time_ns()
     times = _dir_times(dirs)
     index = maildir_index.load(dirs.fd, dirs.path)
     if index is not None:
@@ -456,7 +470,8 @@ def _read_listing(dirs: _Dirs) -> tuple[Listing, dict[str, str]]:
         if times.keys() == {"new", "cur"} and old_times == times:
             return old, {}
     listing, skipped = _scan(dirs, None if index is None else index[0])
-    stored = maildir_index.trusted_times(times)
+    # With a file left out, each login must look again (a chmod does not change the directory).
+    stored = maildir_index.trusted_times(times, taken) if not skipped else {}
     if index is None or listing != index[0] or stored != index[1]:
         maildir_index.write(dirs.fd, dirs.path, listing, stored)
     return listing, skipped
@@ -846,14 +861,17 @@ class MaildirStorage:
         """
         drop = self._drop(mbox)
         i = self._position(mbox, msg)
+        in_order, drop.next_position = i == drop.next_position, i + 1
         ahead = drop.read_ahead.pop(i, None)
         if ahead is not None:
             return ahead
         drop.read_ahead.clear()  # out of order: what was read ahead will not be asked for soon
         if drop.dirs is None:
             raise RuntimeError(f"mailbox {mbox!r} has no Maildir")  # unreachable: it has no messages
+        # Only for a client that reads in order: one RETR, then silence, must not hold 256 KiB.
+        budget = self._read_ahead if in_order else 0
         read: _Read = await _run_abandonable(
-            _dispose_read, drop.run, _read_message, drop.dirs, drop.listing, i, self._chunk_size, self._read_ahead
+            _dispose_read, drop.run, _read_message, drop.dirs, drop.listing, i, self._chunk_size, budget
         )
         if read.fd is not None:
             return _FileChunks(read.fd, self._chunk_size, read.data)

@@ -26,7 +26,6 @@ import logging
 import os
 import re
 import stat
-import time
 from array import array
 from collections.abc import Sequence
 from typing import overload
@@ -209,7 +208,11 @@ def _uids_ok(names: list[str], uids: list[object]) -> bool:
     if not all(uid is None or type(uid) is str for uid in uids):
         return False
     full = [unique_name(name) if uid is None else uid for name, uid in zip(names, uids, strict=True)]
-    return not full or (_UIDS.fullmatch("\n".join(full)) is not None and len(set(full)) == len(full))  # type: ignore[arg-type]
+    if not full:
+        return True
+    joined = "\n".join(full)  # type: ignore[arg-type]
+    # As many lines as UIDLs (none holds a LF), each one valid, none twice.
+    return joined.count("\n") == len(full) - 1 and _UIDS.fullmatch(joined) is not None and len(set(full)) == len(full)
 
 
 def _parse(data: bytes) -> tuple[Listing, DirTimes]:
@@ -261,10 +264,9 @@ def load(dir_fd: int, where: str) -> tuple[Listing, DirTimes] | None:
         return None
 
 
-def trusted_times(times: DirTimes) -> DirTimes:
-    """The directory times worth storing: those not too recent to be sure of."""
-    now = time.time_ns()
-    return {subdir: mtime for subdir, mtime in times.items() if now - mtime >= TRUST_AFTER_NS}
+def trusted_times(times: DirTimes, taken: int) -> DirTimes:
+    """The directory times worth storing: those not too recent, when they were read (``taken``, ns), to be sure of."""
+    return {subdir: mtime for subdir, mtime in times.items() if taken - mtime >= TRUST_AFTER_NS}
 
 
 def write(dir_fd: int, where: str, listing: Listing, times: DirTimes) -> None:

@@ -318,8 +318,8 @@ class Session:
                     # The deadline of a wait for the client (see _receive).
                     log.info("session %s from %s: %s", self.conn_id, self.address or "-", self._timeout_reply)
                     self.protocol.close(self._timeout_reply)
-                elif self._close_reason:
-                    self.protocol.close(self._close_reason)
+                else:
+                    self.protocol.close(self._close_reason)  # None: no reply, but the engine knows it is over
                 await self._send_last()
         except _ConnectionLost:
             pass
@@ -414,6 +414,10 @@ class Session:
             raise _ConnectionLost from exc
         finally:
             scope.deadline = math.inf
+        if scope.cancel_called:
+            # The deadline passed (or a kick came) as the data did: it still
+            # counts, and is answered by run(), before any command runs.
+            await trio.lowlevel.checkpoint()
         if not data:
             raise _ConnectionLost  # the client closed its end
         if self._first_data and self._is_proxy_header(data):

@@ -8,6 +8,7 @@ worker thread.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import poplib
@@ -393,6 +394,47 @@ async def test_a_late_delivery_of_old_mail_takes_its_place_in_delivery_order(tmp
     assert sizes == [7, 7, 7, 7]
 
 
+async def test_directory_times_are_judged_when_they_were_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 1.5 s old when read, 2.5 s old after a slow scan: not old enough to be sure of.
+    box = make_maildir(tmp_path)
+    deliver(box, b"msg\n", unique_name(1))
+    age(box, 1.5)
+    real = maildir_module._scan
+
+    def slow_scan(*args: Any) -> Any:
+        time.sleep(1.0)
+        return real(*args)
+
+    monkeypatch.setattr(maildir_module, "_scan", slow_scan)
+    await session(MaildirStorage(tmp_path))
+    assert json.loads((box / INDEX_NAME).read_bytes())["dirs"] == {}
+
+
+async def test_a_skipped_message_is_looked_for_at_every_login(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, listed: list[str]
+) -> None:
+    # A chmod or a passing I/O error does not change the directory: its times must not be trusted.
+    box = make_maildir(tmp_path)
+    deliver(box, b"one\n", unique_name(1))
+    deliver(box, b"two\n", unique_name(2))
+    age(box)
+    real = maildir_module._measure
+
+    def refuse_two(dirs: Any, subdir: str, name: str) -> Any:
+        if name == unique_name(2):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real(dirs, subdir, name)
+
+    monkeypatch.setattr(maildir_module, "_measure", refuse_two)
+    assert (await session(MaildirStorage(tmp_path)))[1] == [unique_name(1)]
+    assert json.loads((box / INDEX_NAME).read_bytes())["dirs"] == {}
+    monkeypatch.setattr(maildir_module, "_measure", real)  # readable again
+    assert (await session(MaildirStorage(tmp_path)))[1] == [unique_name(1), unique_name(2)]
+    listed.clear()
+    await session(MaildirStorage(tmp_path))
+    assert listed == []  # all readable: the times are trusted again
+
+
 async def test_recent_directory_times_are_not_trusted(tmp_path: Path, listed: list[str]) -> None:
     # Changed less than two seconds ago: a change in the same clock tick could go unseen.
     box = make_maildir(tmp_path)
@@ -548,12 +590,47 @@ async def test_small_messages_are_read_ahead_in_one_trip(tmp_path: Path, monkeyp
     assert await storage.lock("alice")
     got = [await storage.get("alice", n) for n in range(1, 6)]
     assert got == bodies  # whole messages, as bytes
-    assert trips == [1, 4]  # 2 and 3 came with 1; 5 with 4
-    assert await storage.get("alice", 2) == bodies[1]  # out of order: read again
-    assert trips == [1, 4, 2]
+    # The first RETR reads only its message; from the second in a row on, the next ones come along.
+    assert trips == [1, 2, 4]  # 3 came with 2; 5 with 4
+    assert await storage.get("alice", 2) == bodies[1]  # out of order: read again, alone
+    assert trips == [1, 2, 4, 2]
+    assert storage._drops["alice"].read_ahead == {}
     sizes, uids = await storage.listing("alice")
     assert list(sizes) == [canonical_size(b) for b in bodies]
     assert list(uids) == [unique_name(n) for n in range(1, 6)]
+    await storage.unlock("alice")
+
+
+async def test_read_ahead_serves_what_the_file_held_when_read(tmp_path: Path) -> None:
+    # Documented: a message read ahead and then deleted by another program is still sent once.
+    box = make_maildir(tmp_path)
+    for n in range(1, 4):
+        deliver(box, b"msg %d\n" % n, unique_name(n))
+    storage = MaildirStorage(tmp_path)
+    assert await storage.lock("alice")
+    assert await storage.get("alice", 1) == b"msg 1\n"
+    assert await storage.get("alice", 2) == b"msg 2\n"  # reads 3 along with it
+    (box / "new" / unique_name(3)).unlink()
+    assert await storage.get("alice", 3) == b"msg 3\n"
+    with pytest.raises(FileNotFoundError):
+        await storage.get("alice", 3)  # asked again: read again, and gone
+    await storage.unlock("alice")
+
+
+async def test_copies_with_one_unique_name_keep_their_own_sizes(tmp_path: Path) -> None:
+    box = make_maildir(tmp_path)
+    deliver(box, b"short\n", unique_name(1) + ":2,S", "cur")
+    deliver(box, b"a longer copy\n", unique_name(1), "new")
+    first = await session(MaildirStorage(tmp_path))
+    assert sorted(first[0]) == [7, 15]
+    for _ in range(2):  # rescans (the directory times are too recent to trust)
+        deliver(box, b"x\n", unique_name(5))
+        (box / "new" / unique_name(5)).unlink()
+        assert await session(MaildirStorage(tmp_path)) == first
+    storage = MaildirStorage(tmp_path)
+    assert await storage.lock("alice")
+    for n, size in enumerate(first[0], 1):
+        assert canonical_size(await read_all(storage, "alice", n)) == size
     await storage.unlock("alice")
 
 

@@ -336,6 +336,12 @@ def same_uid_twice(index: dict[str, Any]) -> str:
     return json.dumps(index)
 
 
+def uid_with_a_line_end(index: dict[str, Any]) -> str:
+    # Two valid-looking lines in one UIDL: it would break the UIDL listing.
+    index["messages"]["uid"][0] = "abc\ndef"
+    return json.dumps(index)
+
+
 def path_for_a_name(index: dict[str, Any]) -> str:
     # The index is the mailbox owner's file: a name must never lead out of new/ or cur/.
     index["messages"]["name"][0] = "../../../etc/passwd"
@@ -366,6 +372,7 @@ def deeply_nested_entry(index: dict[str, Any]) -> str:
         float_size,
         bad_uid,
         same_uid_twice,
+        uid_with_a_line_end,
         path_for_a_name,
         column_too_short,
         entry_of_wrong_shape,
@@ -378,6 +385,7 @@ def deeply_nested_entry(index: dict[str, Any]) -> str:
         "float-size",
         "bad-uid",
         "same-uid",
+        "uid-lf",
         "path-name",
         "short-column",
         "wrong-shape",
