@@ -60,7 +60,6 @@ class Tracked(Protocol):
 
 
 T = TypeVar("T", bound=Tracked)
-_G = TypeVar("_G")
 
 
 class Verdict(enum.Enum):
@@ -88,7 +87,8 @@ class ConnectionTable(Generic[T]):
         # Kept apart so that a newcomer's checks look only at its peers that
         # matter, not at thousands of logged-in sessions from the same address:
         self._waiting: dict[str, dict[str, T]] = {}  # address key -> connections not logged in
-        self._users: dict[tuple[str, str], dict[str, T]] = {}  # (address key, user) -> logged-in sessions
+        # (address key, user) -> its logged-in sessions: a list, as there are few (a dict each would cost 230 bytes).
+        self._users: dict[tuple[str, str], list[T]] = {}
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -116,7 +116,7 @@ class ConnectionTable(Generic[T]):
             return
         key = _key(session.address)
         _discard(self._waiting, key, conn_id)
-        self._users.setdefault((key, session.user), {})[conn_id] = session
+        self._users.setdefault((key, session.user), []).append(session)
 
     def remove(self, conn_id: str) -> None:
         """Forget a connection that has ended."""
@@ -125,7 +125,14 @@ class ConnectionTable(Generic[T]):
             return
         key = _key(session.address)
         _discard(self._waiting, key, conn_id)
-        _discard(self._users, (key, session.user), conn_id)
+        group = (key, session.user)
+        sessions = self._users.get(group, [])
+        for i, other in enumerate(sessions):
+            if other is session:
+                del sessions[i]
+                if not sessions:
+                    del self._users[group]
+                break
 
     def admit(self, address: str, *, max_connections: int, max_per_address: int) -> Admission[T]:
         """Whether a newcomer from ``address`` gets in, and whom it displaces."""
@@ -149,8 +156,7 @@ class ConnectionTable(Generic[T]):
 
     def sessions_of(self, user: str, address: str) -> int:
         """Logged-in sessions of ``user`` from ``address`` (its /64)."""
-        peers = self._users.get((_key(address), user), {})
-        return sum(1 for session in peers.values() if session.logged_in and session.user == user)
+        return sum(1 for session in self._users.get((_key(address), user), ()) if session.logged_in)
 
 
 def _key(address: str) -> str:
@@ -158,7 +164,7 @@ def _key(address: str) -> str:
     return address_key(address) or address
 
 
-def _discard(groups: dict[_G, dict[str, T]], group: _G, conn_id: str) -> None:
+def _discard(groups: dict[str, dict[str, T]], group: str, conn_id: str) -> None:
     peers = groups.get(group)
     if peers is not None:
         peers.pop(conn_id, None)
