@@ -15,6 +15,7 @@ from quart import Quart, Response, request
 from pop3d.errors import Pop3dError
 from pop3d.networks import is_loopback
 
+from .docs import DOCS_ENDPOINTS
 from .errors import error_response
 
 __all__ = [
@@ -28,8 +29,10 @@ __all__ = [
     "split_bind",
 ]
 
-# Open without a token, so that a supervisor can tell the process is alive.
-PUBLIC_ENDPOINTS = frozenset({"admin.healthz"})
+# Open without a token: /healthz, so that a supervisor can tell the process is
+# alive; the OpenAPI document and the page that shows it (with its assets),
+# which hold nothing secret, so that the page loads and takes the token itself.
+PUBLIC_ENDPOINTS = frozenset({"admin.healthz", "openapi", *DOCS_ENDPOINTS})
 
 log = logging.getLogger("pop3d.admin")
 
@@ -100,11 +103,11 @@ def refuse_unprotected(bind: str, *, protected: bool) -> None:
 
 
 def install_access(app: Quart, token: BearerToken | None) -> None:
-    """Make every endpoint of ``app`` but ``/healthz`` require ``token`` (if there is one).
+    """Make every endpoint of ``app`` but :data:`PUBLIC_ENDPOINTS` require ``token`` (if there is one).
 
     The check runs before routing errors are raised, so an unknown path
-    without the token is a 401 too: the API does not tell strangers which
-    paths exist.
+    without the token is a 401 too: a stranger learns no more by probing
+    than the open OpenAPI document says.
     """
     if token is None:
         return

@@ -12,9 +12,11 @@ from quart_trio import QuartTrio
 
 import pop3d
 
+from . import docs
 from .access import BearerToken, install_access
 from .errors import install_error_handlers
 from .metrics import new_registry
+from .openapi import AdminOpenAPIProvider
 from .routes import EXTENSION, AdminSettings, blueprint
 
 __all__ = ["create_app"]
@@ -23,11 +25,12 @@ __all__ = ["create_app"]
 def create_app(*, token: str | None = None) -> QuartTrio:
     """A new admin API app over the server objects of this process.
 
-    With ``token``, every endpoint but ``/healthz`` requires
-    ``Authorization: Bearer <token>``.  Whether the app may listen on a
-    given address is decided by :func:`admin.check_bind` (which
-    :func:`admin.serve_admin` calls).  The OpenAPI document is at
-    ``/openapi.json`` and a browsable page at ``/docs``.
+    With ``token``, every endpoint requires ``Authorization: Bearer
+    <token>`` but ``/healthz``, the OpenAPI document at ``/openapi.json``
+    and the browsable page at ``/docs`` (Swagger UI, served from this host
+    under ``/docs/static/``; the token is entered in the page).  Whether
+    the app may listen on a given address is decided by
+    :func:`admin.check_bind` (which :func:`admin.serve_admin` calls).
     """
     app = QuartTrio("pop3d.admin")
     bearer = BearerToken(token) if token else None
@@ -38,14 +41,17 @@ def create_app(*, token: str | None = None) -> QuartTrio:
     QuartSchema(
         app,
         info=Info(title="pop3d admin API", version=pop3d.__version__),
-        # One browsable page is enough; the others would only be more surface.
+        # One browsable page is enough, and it is admin.docs's: quart-schema's
+        # pages load their scripts from CDNs.
         redoc_ui_path=None,
         scalar_ui_path=None,
-        swagger_ui_path="/docs",
+        swagger_ui_path=None,
+        openapi_provider_class=AdminOpenAPIProvider,
         security_schemes={"bearer": HttpSecurityScheme(scheme="bearer")} if bearer else None,
         security=[{"bearer": []}] if bearer else None,
     )
     install_error_handlers(app)
     install_access(app, bearer)
     app.register_blueprint(blueprint)
+    app.register_blueprint(docs.blueprint)
     return app

@@ -49,6 +49,7 @@ from .models import (
     ServerSummary,
     describe,
 )
+from .openapi import body_required, errors, no_content, text_content
 
 __all__ = ["EXTENSION", "AdminSettings", "blueprint", "settings_of"]
 
@@ -95,6 +96,7 @@ async def list_servers() -> ServerList:
 
 @blueprint.get("/servers/<name>")
 @tag(["servers"])
+@errors(404)
 @validate_response(ServerSummary)
 async def get_server(name: str) -> ServerSummary:
     """One server at a glance."""
@@ -103,6 +105,7 @@ async def get_server(name: str) -> ServerSummary:
 
 @blueprint.post("/servers/<name>/up")
 @tag(["servers"])
+@errors(404, 409)
 @validate_response(ServerSummary)
 async def server_up(name: str) -> ServerSummary:
     """Start listening on the configured host and port (409 if that fails or the server is exiting)."""
@@ -113,6 +116,7 @@ async def server_up(name: str) -> ServerSummary:
 
 @blueprint.post("/servers/<name>/down")
 @tag(["servers"])
+@errors(404)
 @validate_response(ServerSummary)
 async def server_down(name: str) -> ServerSummary:
     """Stop listening; open connections carry on."""
@@ -130,6 +134,7 @@ async def _destroy_deferred(server: Server, *, task_status: trio.TaskStatus[None
 
 @blueprint.delete("/servers/<name>")
 @tag(["servers"])
+@errors(404, 422)
 @validate_querystring(DestroyQuery)
 @validate_response(DestroyResult, 200)
 @validate_response(DestroyResult, 202)
@@ -159,6 +164,7 @@ async def destroy_server(name: str, query_args: DestroyQuery) -> tuple[DestroyRe
 
 @blueprint.get("/servers/<name>/config")
 @tag(["options"])
+@errors(404)
 @validate_response(ConfigView)
 async def get_config(name: str) -> ConfigView:
     """Every option; ``auth`` and ``storage`` show what the callbacks are."""
@@ -167,10 +173,16 @@ async def get_config(name: str) -> ConfigView:
 
 @blueprint.patch("/servers/<name>/config")
 @tag(["options"])
+@errors(400, 404, 409, 422)
+@body_required  # a JSON object; {} changes nothing
 @validate_request(ConfigPatch)
 @validate_response(ConfigView)
 async def patch_config(name: str, data: BaseModel) -> ConfigView:
-    """Set the options given, all or none (422 naming each bad field).  A new port applies at the next up."""
+    """Set the options given, all or none (422 naming each bad field).  A new port applies at the next up.
+
+    The body is required: a JSON object, ``{}`` to change nothing.  No body,
+    or one that is not JSON, is a 422 (400 if it claims to be JSON).
+    """
     server = _server(name)
     changes = data.model_dump(exclude_unset=True)
     if changes:  # configure() with no arguments reads instead of writing
@@ -180,6 +192,7 @@ async def patch_config(name: str, data: BaseModel) -> ConfigView:
 
 @blueprint.get("/servers/<name>/config/<option>")
 @tag(["options"])
+@errors(404)
 @validate_response(OptionValue)
 async def get_option(name: str, option: str) -> OptionValue:
     """One option (404 if there is no such option)."""
@@ -196,6 +209,7 @@ async def get_option(name: str, option: str) -> OptionValue:
 
 @blueprint.get("/servers/<name>/connections")
 @tag(["connections"])
+@errors(404)
 @validate_response(ConnectionList)
 async def list_connections(name: str) -> ConnectionList:
     """The open connections, each in short."""
@@ -205,6 +219,7 @@ async def list_connections(name: str) -> ConnectionList:
 
 @blueprint.get("/servers/<name>/connections/<conn_id>")
 @tag(["connections"])
+@errors(404)
 @validate_response(ConnectionState)
 async def get_connection(name: str, conn_id: str) -> ConnectionState:
     """Everything ``conn_state`` says about one connection."""
@@ -213,6 +228,8 @@ async def get_connection(name: str, conn_id: str) -> ConnectionState:
 
 @blueprint.delete("/servers/<name>/connections/<conn_id>")
 @tag(["connections"])
+@errors(404, 422)
+@no_content(204, "The connection is closed.")
 @validate_querystring(KickQuery)
 @validate_response(Closing, 202)
 async def close_connection(name: str, conn_id: str, query_args: KickQuery) -> Response | tuple[Closing, int]:
@@ -236,6 +253,11 @@ async def close_connection(name: str, conn_id: str, query_args: KickQuery) -> Re
 
 @blueprint.get("/metrics")
 @tag(["monitoring"])
+@text_content(
+    200,
+    "Prometheus metrics: text format 0.0.4 by default, OpenMetrics or text 1.0.0 if Accept asks for it.",
+    ("text/plain", "application/openmetrics-text"),
+)
 async def metrics() -> Response:
     """Prometheus metrics of every server (text format 0.0.4, or what ``Accept`` asks for)."""
     body, content_type = render(settings_of(current_app).registry, request.headers.get("Accept"))
@@ -309,6 +331,8 @@ async def _clear_penalty(kind: Literal["address", "user"], key: str) -> Response
 
 @blueprint.delete("/penalties/users/<path:name>")
 @tag(["penalties"])
+@errors(404)
+@no_content(204, "The penalty is cleared.")
 async def clear_user_penalty(name: str) -> Response:
     """Clear the penalty of a user name (204; 404 if it has none)."""
     return await _clear_penalty("user", name)
@@ -316,6 +340,8 @@ async def clear_user_penalty(name: str) -> Response:
 
 @blueprint.delete("/penalties/<path:address>")
 @tag(["penalties"])
+@errors(404)
+@no_content(204, "The penalty is cleared.")
 async def clear_address_penalty(address: str) -> Response:
     """Clear the penalty of an address (any address of a penalised IPv6 /64 will do; 204, or 404)."""
     return await _clear_penalty("address", address)

@@ -1,4 +1,4 @@
-"""The ``pop3d`` command: ``serve``, and ``user add|passwd|remove|list``.
+"""The ``pop3d`` command: ``serve``, ``check-config``, and ``user add|passwd|remove|list``.
 
 Errors are one line on stderr (``pop3d: error: ...``) and exit status 2.
 Passwords are read from a prompt, or from stdin when it is not a terminal;
@@ -8,8 +8,8 @@ never from the command line, where other users could see them.
 from __future__ import annotations
 
 import argparse
+import functools
 import getpass
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -18,13 +18,21 @@ from typing import Any
 
 import trio
 
-from . import __version__
+from . import __version__, logs
 from .errors import Pop3dError
-from .settings import DEFAULT_ADMIN, DEFAULT_LISTEN, ServeSettings, SettingsError, load_settings
+from .settings import (
+    DEFAULT_ADMIN,
+    DEFAULT_LISTEN,
+    ServeSettings,
+    SettingsError,
+    effective_settings,
+    load_settings,
+)
 
 __all__ = ["main"]
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Kept for importers; the formats live in pop3d.logs.
+LOG_FORMAT = logs.TEXT_FORMAT
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,8 +44,25 @@ def _parser() -> argparse.ArgumentParser:
         "serve",
         help="run the server",
         description="Serve Maildirs to POP3 clients. Settings come from flags, POP3D_* variables, "
-        "then the --config TOML file. With no --users/--mail-root, serves a demo data directory.",
+        "then the --config TOML file. With no --users/--mail-root, serves a demo data directory. "
+        "SIGHUP reloads the settings and the TLS certificate.",
     )
+    _serve_flags(serve)
+    check = commands.add_parser(
+        "check-config",
+        help="check the settings of serve and print them",
+        description="Check the settings serve would run with (flags, POP3D_* variables, the --config file) "
+        "without binding or serving, and print those that differ from the defaults as TOML, secrets hidden. "
+        "Exit status 0 if they are good, 2 with a one-line error if not.",
+    )
+    _serve_flags(check)
+    check.add_argument("--all", action="store_true", help="print every setting, defaults too")
+    _user_parser(commands)
+    return parser
+
+
+def _serve_flags(serve: argparse.ArgumentParser) -> None:
+    """The flags of ``serve`` (and of ``check-config``, which must read them alike)."""
     serve.add_argument("--config", type=Path, metavar="FILE", help="TOML file with settings")
     serve.add_argument(
         "--listen",
@@ -67,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-level", type=str.lower, choices=["debug", "info", "warning", "error"], help="default info"
     )
+    serve.add_argument(
+        "--log-format", type=str.lower, choices=["text", "json"], help="text (default), or one JSON object a line"
+    )
     limits = serve.add_argument_group("limits (defaults in docs/serve.md)")
     for flag, kind, text in (
         ("--max-connections", int, "open connections at most (1000)"),
@@ -84,6 +112,8 @@ def _parser() -> argparse.ArgumentParser:
     limits.add_argument("--group", metavar="NAME", help="run with this group (default: the user's)")
     limits.add_argument("--allow-root", action="store_true", default=None, help="serve mail as root")
 
+
+def _user_parser(commands: Any) -> None:
     user = commands.add_parser("user", help="manage the users of a passwd-file")
     actions = user.add_subparsers(dest="action", required=True, metavar="ACTION")
     for name, text in (
@@ -107,22 +137,40 @@ def _parser() -> argparse.ArgumentParser:
         action.add_argument(
             "--users", type=Path, metavar="FILE", help="the passwd-file (default: $POP3D_USERS)", default=None
         )
-    return parser
 
 
-def _serve(args: argparse.Namespace) -> None:
+def _settings(args: argparse.Namespace) -> tuple[ServeSettings, Any]:
+    """The settings of ``serve`` or ``check-config``, and how to read them again (SIGHUP)."""
     # Every flag is named after its setting; only those given go in, so the
     # environment and the TOML file still count for the others.
     cli: dict[str, Any] = {
         key: value for key, value in vars(args).items() if key in ServeSettings.model_fields and value is not None
     }
-    settings = load_settings(cli, args.config)
-    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
-    for noisy in ("hypercorn.access", "hypercorn.error"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+    def load() -> ServeSettings:
+        return load_settings(cli, args.config)
+
+    return load(), load
+
+
+def _serve(args: argparse.Namespace) -> None:
+    settings, load = _settings(args)
+    logs.setup(settings.log_level, settings.log_format)
     from .serve import serve
 
-    trio.run(serve, settings)
+    trio.run(functools.partial(serve, settings, reload_settings=load))
+
+
+def _check_config(args: argparse.Namespace) -> None:
+    settings, _ = _settings(args)
+    # Warnings (no token, no certificate on a public address) go to stderr, as serve would log them.
+    logs.setup("warning", settings.log_format)
+    from .serve import check
+
+    check(settings)
+    for key, value in effective_settings(settings, everything=args.all):
+        # TOML has no null: a setting without a value is shown commented out.
+        print(f"{key} = {value}" if value else f"# {key} =")
 
 
 def _users_file(args: argparse.Namespace) -> Path:
@@ -173,6 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             _serve(args)
+        elif args.command == "check-config":
+            _check_config(args)
         else:
             _user(args)
     except KeyboardInterrupt:

@@ -7,7 +7,15 @@ passwd-file, one Maildir root and one certificate, and the admin API beside
 them.  One shutdown trigger stops everything: the first SIGTERM or SIGINT
 stops accepting, gives open sessions ``grace_period`` seconds to finish,
 then closes the rest (their deletions are not applied, so no mail is lost);
-a second signal closes them at once.  SIGHUP reloads the certificate.
+a second signal closes them at once.
+
+SIGHUP reloads the certificate and, when :func:`serve` is given
+``reload_settings`` (``pop3d serve`` gives it), the settings: what can
+change under running servers (the passwd-file, limits, timeouts, the log
+level...) is applied with each server's ``configure``; what cannot (the
+listen addresses, the user) is logged as needing a restart.  :func:`check`
+makes the checks :func:`serve` makes before it serves, for ``pop3d
+check-config``.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import os
 import resource
 import shutil
 import signal
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -25,18 +34,20 @@ from pathlib import Path
 
 import trio
 
+from . import logs
 from . import server as server_module
-from .errors import OptionError
+from .errors import OptionError, Pop3dError
 from .maildir import MaildirStorage
 from .networks import format_networks, is_loopback
+from .options import ServerOptions, validate_options
 from .passwd import PasswdFile
 from .penalties import PenaltyBox
-from .privileges import drop, plan
+from .privileges import Identity, drop, plan
 from .server import Server
-from .settings import ServeSettings, SettingsError
-from .tls import TLSError
+from .settings import ServeSettings, SettingsError, format_value
+from .tls import TLSError, server_context
 
-__all__ = ["Running", "demo_data_dir", "serve"]
+__all__ = ["Running", "check", "demo_data_dir", "serve"]
 
 log = logging.getLogger("pop3d")
 
@@ -74,29 +85,72 @@ class Running:
     pop3_addresses: list[tuple[str, int]] = field(default_factory=list)
 
 
-async def serve(
-    settings: ServeSettings,
-    *,
-    handle_signals: bool = True,
-    task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Run POP3 servers (and the admin API) until the shutdown trigger fires."""
-    if handle_signals:
-        # Until the signal watcher runs, a SIGHUP (a renewal hook, say) must not end the process.
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+def check(settings: ServeSettings) -> None:
+    """Check ``settings`` as :func:`serve` would, without binding a port or serving.
+
+    The admin token and address, the user and group to run as, the
+    passwd-file, the certificate and key, and every server option; raises
+    :class:`~pop3d.errors.Pop3dError` (one line) for the first problem.
+    Files are read as the calling user: run as root with ``user`` set,
+    :func:`serve` reads them after dropping root, which may see less.
+    """
+    _check_startup(settings)
+    if settings.users is not None:
+        PasswdFile(settings.users)
+    _check_server_options(settings)
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        try:
+            server_context(settings.tls_cert, settings.tls_key)
+        except TLSError as exc:
+            raise SettingsError(f"tls-cert: {exc}") from None
+    _warn_if_no_login_possible(settings)
+
+
+def _check_startup(settings: ServeSettings) -> tuple[str | None, str | None, Identity | None]:
+    """The checks before anything listens: ``(token, admin address or None, identity to drop to)``."""
     token = settings.token()
     admin_bind = None if settings.no_admin or settings.admin is None else str(settings.admin)
     if admin_bind is not None:
         from admin.access import check_bind  # the admin API is optional at import time
 
         check_bind(admin_bind, token=token)  # refuse before anything listens
-    users, mail_root = settings.users, settings.mail_root
     identity = plan(
         settings.user,
         settings.group,
         allow_root=settings.allow_root,
-        serves_mail=users is not None or mail_root is not None,
+        serves_mail=settings.users is not None or settings.mail_root is not None,
     )
+    return token, admin_bind, identity
+
+
+def _check_server_options(settings: ServeSettings) -> None:
+    """The server options of ``settings``, validated as ``configure`` will (TLS files aside)."""
+    kinds = [False] * len(settings.listen) + [True] * len(settings.listen_tls)
+    for implicit_tls in dict.fromkeys(kinds):
+        try:
+            validate_options(ServerOptions(), {**_options_of(settings), "implicit_tls": implicit_tls})
+        except OptionError as exc:
+            raise _setting_error(exc) from None
+
+
+async def serve(
+    settings: ServeSettings,
+    *,
+    handle_signals: bool = True,
+    reload_settings: Callable[[], ServeSettings] | None = None,
+    task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run POP3 servers (and the admin API) until the shutdown trigger fires.
+
+    With ``handle_signals``, SIGHUP reloads the certificate and, if
+    ``reload_settings`` is given, calls it for new settings and applies
+    what can change without a restart (see the module's docstring).
+    """
+    if handle_signals:
+        # Until the signal watcher runs, a SIGHUP (a renewal hook, say) must not end the process.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    token, admin_bind, identity = _check_startup(settings)
+    users, mail_root = settings.users, settings.mail_root
     _raise_file_limit(settings.max_connections * len([*settings.listen, *settings.listen_tls]))
     # Bind as root, then drop root before anything is served or read: the
     # passwd-file, the TLS key and the Maildirs are opened as the user that
@@ -114,18 +168,14 @@ async def serve(
         log.info("serving the demo data in %s (user demo, password demo)", demo)
     auth = PasswdFile(users)
     storage = MaildirStorage(mail_root)
+    # One box for every listener: moving from POP3 to POP3S gains a guesser nothing.
+    penalties = PenaltyBox(max_delay=settings.penalty_max)
     common: dict[str, object] = {
         "auth": auth,
         "storage": storage,
-        "apop": settings.apop,
-        "tls_cert": settings.tls_cert,
-        "tls_key": settings.tls_key,
-        # One box for every listener: moving from POP3 to POP3S gains a guesser nothing.
-        "penalties": PenaltyBox(max_delay=settings.penalty_max),
-        **{name: getattr(settings, name) for name in _SERVER_OPTIONS},
+        "penalties": penalties,
+        **_options_of(settings),
     }
-    if settings.hostname:
-        common["hostname"] = settings.hostname
 
     servers: list[Server] = []
     shutdown = trio.Event()
@@ -137,9 +187,10 @@ async def serve(
                 servers.append(srv)
                 _configure(srv, host=address.host, port=address.port, implicit_tls=kind == "pop3s", **common)
         _warn_if_no_login_possible(settings)
+        live = _Live(settings, servers, penalties, reload_settings)
         async with trio.open_nursery() as nursery:
             if handle_signals:
-                nursery.start_soon(_watch_signals, shutdown.set, force.set, lambda: _reload_tls(servers))
+                nursery.start_soon(_watch_signals, shutdown.set, force.set, live.reload)
             for srv, listeners in zip(servers, bound, strict=True):
                 await nursery.start(srv.run)
                 await srv.up(listeners=listeners)
@@ -157,7 +208,7 @@ async def serve(
             log.info("ready %s admin=%s", pop3, admin_url or "off")
             task_status.started(running)
             await shutdown.wait()
-            await _shut_down(servers, settings.grace_period, force)
+            await _shut_down(servers, live.settings.grace_period, force)
             nursery.cancel_scope.cancel()  # the signal watcher
     finally:
         with trio.CancelScope(shield=True):
@@ -202,12 +253,28 @@ def _raise_file_limit(connections: int) -> None:
         )
 
 
+def _options_of(settings: ServeSettings) -> dict[str, object]:
+    """The server options ``settings`` set (all but ``auth``, ``storage``, ``penalties`` and the address)."""
+    return {
+        "apop": settings.apop,
+        "tls_cert": settings.tls_cert,
+        "tls_key": settings.tls_key,
+        # The server's own default when none is given, so that a reload can go back to it.
+        "hostname": settings.hostname or socket.gethostname(),
+        **{name: getattr(settings, name) for name in _SERVER_OPTIONS},
+    }
+
+
+def _setting_error(exc: OptionError) -> SettingsError:
+    return SettingsError("; ".join(f"{name.replace('_', '-')}: {message}" for name, message in exc.errors))
+
+
 def _configure(srv: Server, **options: object) -> None:
     """Configure ``srv``; a bad option is a one-line error named as ``pop3d serve`` names it."""
     try:
         srv.configure(**options)
     except OptionError as exc:
-        raise SettingsError("; ".join(f"{name.replace('_', '-')}: {message}" for name, message in exc.errors)) from None
+        raise _setting_error(exc) from None
 
 
 def _warn_if_no_login_possible(settings: ServeSettings) -> None:
@@ -220,6 +287,131 @@ def _warn_if_no_login_possible(settings: ServeSettings) -> None:
             ", ".join(exposed),
             format_networks(settings.cleartext_auth_from),
         )
+
+
+# Settings a reload applies to running servers; any other change needs a restart.
+_RELOADABLE = frozenset(
+    {
+        *_SERVER_OPTIONS,
+        "users",
+        "hostname",
+        "apop",
+        "tls_cert",
+        "tls_key",
+        "penalty_max",
+        "grace_period",
+        "log_level",
+        "log_format",
+    }
+)
+
+
+class _Live:
+    """The settings in effect, and SIGHUP's reload of them."""
+
+    def __init__(
+        self,
+        settings: ServeSettings,
+        servers: list[Server],
+        penalties: PenaltyBox,
+        load: Callable[[], ServeSettings] | None,
+    ) -> None:
+        self.settings = settings
+        self._servers = servers
+        self._penalties = penalties
+        self._load = load
+
+    def reload(self) -> None:
+        """SIGHUP: new settings where they can change, then the certificate read again."""
+        log.info(
+            "got SIGHUP: reloading %s",
+            "the TLS certificate" if self._load is None else "the settings and the TLS certificate",
+        )
+        if self._load is not None:
+            try:
+                self._apply(self._load())
+            except (Pop3dError, OSError) as exc:
+                log.error("reload: keeping the old settings: %s", _one_line(exc))
+            except Exception:  # a reload must never take the server down
+                log.exception("reload: keeping the old settings")
+        # Even after a bad settings file: a renewed certificate must not wait for it to be fixed.
+        _reload_tls(self._servers)
+
+    def _apply(self, new: ServeSettings) -> None:
+        old = self.settings
+        changed = [
+            (name, _shown(name, getattr(old, name)), _shown(name, getattr(new, name)))
+            for name in ServeSettings.model_fields
+            if _shown(name, getattr(old, name)) != _shown(name, getattr(new, name))
+        ]
+        # To or from the demo data (no users given) changes the mail root too: a restart.
+        demo = old.users is None or new.users is None
+        fixed = [item for item in changed if item[0] not in _RELOADABLE or (item[0] == "users" and demo)]
+        applied = [item for item in changed if item not in fixed]
+        for name, before, after in fixed:
+            log.warning(
+                "reload: %s %s -> %s needs a restart; keeping %s",
+                name,
+                before or "none",
+                after or "none",
+                before or "none",
+            )
+        # The new settings, but with what needs a restart as it is.
+        effective = new.model_copy(update={name: getattr(old, name) for name, _, _ in fixed})
+        names = {name for name, _, _ in applied}
+        options: dict[str, object] = {}
+        if names & {*_SERVER_OPTIONS, "hostname", "apop", "tls_cert", "tls_key"}:
+            _check_server_options(effective)
+            options.update(_options_of(effective))
+        if "users" in names:
+            assert effective.users is not None
+            options["auth"] = PasswdFile(effective.users)  # an unreadable file fails here, before any change
+        if options:
+            self._configure_all(options)
+        if "penalty_max" in names:
+            self._penalties.max_delay = effective.penalty_max
+        if "log_format" in names:
+            logs.set_format(effective.log_format)
+        if "log_level" in names:
+            logs.set_level(effective.log_level)
+        if "max_connections" in names:
+            _raise_file_limit(effective.max_connections * len(self._servers))
+        self.settings = effective
+        if applied:
+            log.info(
+                "reload: %s",
+                ", ".join(f"{name} {before or 'none'} -> {after or 'none'}" for name, before, after in applied),
+            )
+        else:
+            log.info("reload: nothing changed")
+
+    def _configure_all(self, options: dict[str, object]) -> None:
+        """``configure`` every live server with ``options``: all of them, or (on an error) none."""
+        servers = [srv for srv in self._servers if not srv.destroyed]
+        cert, key = options.get("tls_cert"), options.get("tls_key")
+        if isinstance(cert, Path) and isinstance(key, Path):
+            try:  # before any server changes: configure would fail at the second server, not the first
+                server_context(cert, key)
+            except TLSError as exc:
+                raise SettingsError(f"tls-cert: {exc}") from None
+        for srv in servers:
+            try:  # all or nothing across servers, not only within one
+                validate_options(srv.options, options)
+            except OptionError as exc:
+                raise _setting_error(exc) from None
+        for srv in servers:
+            _configure(srv, **options)
+
+
+def _shown(name: str, value: object) -> str:
+    """A setting's value for the reload log line: as in TOML, but a string without its quotes."""
+    text = format_value(name, value)
+    return text[1:-1] if text.startswith('"') else text
+
+
+def _one_line(exc: BaseException) -> str:
+    text = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename else str(exc)
+    return " ".join(text.split())
 
 
 def _reload_tls(servers: list[Server]) -> None:
@@ -278,7 +470,6 @@ async def _watch_signals(first: Callable[[], None], second: Callable[[], None], 
         count = 0
         async for signum in signals:
             if signum == signal.SIGHUP:
-                log.info("got SIGHUP: reloading the TLS certificate")
                 reload()
                 continue
             count += 1

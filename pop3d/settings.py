@@ -10,10 +10,13 @@ names the setting.
 from __future__ import annotations
 
 import contextvars
+import ipaddress
+import json
 import os
+import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import pydantic
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -29,7 +32,17 @@ from .networks import LOOPBACK
 from .options import HOSTNAME_PATTERN, MAX_HOSTNAME, Networks, ServerOptions
 from .penalties import DEFAULT_MAX_DELAY
 
-__all__ = ["DEFAULT_ADMIN", "DEFAULT_LISTEN", "Address", "ServeSettings", "SettingsError", "load_settings"]
+__all__ = [
+    "DEFAULT_ADMIN",
+    "DEFAULT_LISTEN",
+    "HIDDEN",
+    "Address",
+    "ServeSettings",
+    "SettingsError",
+    "effective_settings",
+    "format_value",
+    "load_settings",
+]
 
 DEFAULT_LISTEN = "127.0.0.1:1110"
 DEFAULT_ADMIN = "127.0.0.1:8110"
@@ -148,9 +161,15 @@ class ServeSettings(BaseSettings):
     admin_token: SecretStr | None = Field(None, description="Bearer token the admin API requires.")
     admin_token_file: Path | None = Field(None, description="File holding the admin API's bearer token.")
     log_level: str = Field("info", pattern="^(?i:debug|info|warning|error)$", description="Log level.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as text, or one JSON object per line (for log collectors)."
+    )
 
     _listen_parse = field_validator("listen", "listen_tls", mode="before")(lambda cls, v: _addresses(v))
     _admin_parse = field_validator("admin", mode="before")(lambda cls, v: _address(v))
+    _format_lower = field_validator("log_level", "log_format", mode="before")(
+        lambda cls, v: v.lower() if isinstance(v, str) else v
+    )
 
     @field_validator("users", "admin_token_file", "tls_cert", "tls_key")
     @classmethod
@@ -261,3 +280,57 @@ def load_settings(cli: dict[str, Any], config: Path | None = None) -> ServeSetti
         raise SettingsError(f"{prefix}{message}{more}") from None
     finally:
         _toml_path.reset(token)
+
+
+#: What :func:`format_value` shows instead of a secret.
+HIDDEN = "<hidden>"
+
+# Names of settings whose value is a secret (a file *path* such as admin-token-file is not).
+_SECRET_NAME = re.compile(r"(?:^|_)(?:token|password|passwd|secret|credentials?)$")
+
+
+def _is_secret(name: str, value: Any) -> bool:
+    return isinstance(value, SecretStr) or bool(_SECRET_NAME.search(name))
+
+
+def _toml(value: Any) -> str:
+    """``value`` as a TOML value (a JSON string is a valid TOML basic string)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        if value and all(isinstance(item, ipaddress.IPv4Network | ipaddress.IPv6Network) for item in value):
+            return json.dumps(",".join(str(item) for item in value))
+        return "[" + ", ".join(_toml(item) for item in value) + "]"
+    return json.dumps(str(value), ensure_ascii=True)
+
+
+def format_value(name: str, value: Any) -> str:
+    """One setting's value as in a TOML file, or ``"<hidden>"`` for a secret; ``""`` for none."""
+    if value is None:
+        return ""
+    if _is_secret(name, value):
+        return json.dumps(HIDDEN)
+    if name in ("cleartext_auth_from", "proxy_protocol_from") and not value:
+        return json.dumps("none")
+    return _toml(value)
+
+
+def _default(name: str) -> Any:
+    return ServeSettings.model_fields[name].get_default(call_default_factory=True)
+
+
+def effective_settings(settings: ServeSettings, *, everything: bool = False) -> list[tuple[str, str]]:
+    """``(TOML key, value)`` of each setting that differs from its default (or of all, with ``everything``).
+
+    Values are formatted by :func:`format_value`, so secrets are hidden and
+    the output of ``pop3d check-config`` can be pasted into a TOML file.
+    Compared as formatted, so that a default given explicitly is not shown.
+    """
+    out = []
+    for name in ServeSettings.model_fields:
+        value = format_value(name, getattr(settings, name))
+        if everything or value != format_value(name, _default(name)):
+            out.append((name.replace("_", "-"), value))
+    return out
