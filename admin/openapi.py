@@ -2,7 +2,7 @@
 
 quart-schema declares a response only through ``validate_response``, always
 as JSON.  The admin API also answers errors (one JSON shape, the
-:class:`~admin.models.Error` model), empty 204s and Prometheus text, and
+:class:`~pop3d.admin.models.Error` model), empty 204s and Prometheus text, and
 takes a request body it requires.  The decorators here record that on a
 view function, and :class:`AdminOpenAPIProvider` writes it into the
 document, so that each operation lists every status it can really answer:
@@ -120,7 +120,7 @@ def _error_response(status: int) -> dict[str, Any]:
 
 
 class AdminOpenAPIProvider(OpenAPIProvider):
-    """quart-schema's document, with what :mod:`admin.openapi`'s decorators recorded."""
+    """quart-schema's document, with what :mod:`pop3d.admin.openapi`'s decorators recorded."""
 
     def schema(self) -> dict[str, Any]:
         """The whole document, with the ``Error`` model among the component schemas."""

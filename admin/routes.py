@@ -4,7 +4,7 @@ Every route finds its server through :func:`pop3d.get` at request time, so
 servers created or destroyed by anyone else are seen at once.  The routes
 only translate: the rules (what may be set, which transitions are legal)
 stay in :class:`pop3d.Server`, whose exceptions become error responses in
-:mod:`admin.errors`.
+:mod:`pop3d.admin.errors`.
 """
 
 from __future__ import annotations

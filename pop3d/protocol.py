@@ -98,6 +98,30 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
+class Trigger(enum.Enum):
+    """What moves a session from one :class:`State` to another."""
+
+    LOGIN = "login accepted"
+    QUIT = "QUIT"
+    TOO_MANY_FAILURES = "too many failed logins"
+    UPDATE_DONE = "deletions applied or failed"
+    CLOSE = "timeout, kick, hang-up or error"
+
+
+#: The engine's state machine: every move it can make, and the only place
+#: that says where a move leads (the documentation's diagram is drawn from it).
+TRANSITIONS: Mapping[tuple[State, Trigger], State] = {
+    (State.AUTHORIZATION, Trigger.LOGIN): State.TRANSACTION,
+    (State.AUTHORIZATION, Trigger.QUIT): State.CLOSED,
+    (State.AUTHORIZATION, Trigger.TOO_MANY_FAILURES): State.CLOSED,
+    (State.AUTHORIZATION, Trigger.CLOSE): State.CLOSED,
+    (State.TRANSACTION, Trigger.QUIT): State.UPDATE,
+    (State.TRANSACTION, Trigger.CLOSE): State.CLOSED,
+    (State.UPDATE, Trigger.UPDATE_DONE): State.CLOSED,
+    (State.UPDATE, Trigger.CLOSE): State.CLOSED,
+}
+
+
 class _NeedData:
     def __repr__(self) -> str:
         return "NEED_DATA"
@@ -635,7 +659,7 @@ class POP3Connection:
         self.sizes = tuple(sizes)
         self._total = sum(self.sizes)
         self.deleted = set()
-        self.state = State.TRANSACTION
+        self._move(Trigger.LOGIN)
         self._reply(replies.ok(replies.LOGGED_IN.format(count=len(self.sizes), octets=self._total)))
 
     def login_failed(self, reason: LoginFailure) -> None:
@@ -661,7 +685,7 @@ class POP3Connection:
         self.auth_failures += 1
         if self.auth_failures >= self.max_auth_failures:
             self._reply(replies.err(replies.AUTH_TOO_MANY))
-            self.state = State.CLOSED
+            self._move(Trigger.TOO_MANY_FAILURES)
         else:
             self._reply(replies.err(text))
 
@@ -830,10 +854,10 @@ class POP3Connection:
         if args:
             raise _BadArguments
         if self.state is State.TRANSACTION:
-            self.state = State.UPDATE
+            self._move(Trigger.QUIT)
             return Update(deleted=tuple(sorted(self.deleted)))
         self._reply(replies.ok(replies.QUIT_AUTHORIZATION))
-        self.state = State.CLOSED
+        self._move(Trigger.QUIT)
         return Closed()
 
     def update_finished(self, ok: bool) -> None:
@@ -844,7 +868,7 @@ class POP3Connection:
             self._reply(replies.ok(replies.QUIT_UPDATE.format(count=left)))
         else:
             self._reply(replies.err(replies.SYS_TEMP_UPDATE))
-        self.state = State.CLOSED
+        self._move(Trigger.UPDATE_DONE)
 
     def command_failed(self, event: Event, *, permanent: bool = False) -> None:
         """The caller could not answer ``event`` (storage failed): ``-ERR [SYS/TEMP]``.
@@ -875,7 +899,11 @@ class POP3Connection:
             self._reply(replies.err(reply))
         self._awaiting = None
         self._sasl = None
-        self.state = State.CLOSED
+        if self.state is not State.CLOSED:
+            self._move(Trigger.CLOSE)
+
+    def _move(self, trigger: Trigger) -> None:
+        self.state = TRANSITIONS[self.state, trigger]
 
 
 @functools.cache

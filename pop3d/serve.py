@@ -111,7 +111,7 @@ def _check_startup(settings: ServeSettings) -> tuple[str | None, str | None, Ide
     token = settings.token()
     admin_bind = None if settings.no_admin or settings.admin is None else str(settings.admin)
     if admin_bind is not None:
-        from admin.access import check_bind  # the admin API is optional at import time
+        from pop3d.admin.access import check_bind  # the admin API is optional at import time
 
         check_bind(admin_bind, token=token)  # refuse before anything listens
     identity = plan(
@@ -196,8 +196,8 @@ async def serve(
                 await srv.up(listeners=listeners)
             admin_url = None
             if admin_bind is not None:
-                from admin.app import create_app
-                from admin.serve import serve_admin
+                from pop3d.admin.app import create_app
+                from pop3d.admin.serve import serve_admin
 
                 app = create_app(token=token)
                 admin_url = await nursery.start(_serve_admin, serve_admin, app, admin_bind, shutdown)

@@ -22,11 +22,11 @@ from typing import Any
 
 import pytest
 import trio
+from pop3d.admin import AdminAccessError, check_bind, create_app, not_listening, serve_admin
 from prometheus_client.parser import text_string_to_metric_families
 from quart.typing import TestClientProtocol as Client  # not Test*: pytest would collect it
 
 import pop3d
-from admin import AdminAccessError, check_bind, create_app, not_listening, serve_admin
 
 from .certs import Certs
 from .popclient import PopClient

@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 import trio
+from pop3d.admin import create_app, serve_admin
 
 import pop3d
-from admin import create_app, serve_admin
 
 playwright_sync = pytest.importorskip(
     "playwright.sync_api", reason="playwright is not installed (pip install -e .[test])"

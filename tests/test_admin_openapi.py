@@ -23,9 +23,9 @@ from typing import Any
 
 import pytest
 import trio
+from pop3d.admin import create_app, serve_admin
 
 import pop3d
-from admin import create_app, serve_admin
 
 TOKEN = "openapi-token-77b0"
 
