@@ -41,7 +41,9 @@ def test_engine_imports_only_the_standard_library() -> None:
     assert first == "POP3Connection pop3d.replies"
     loaded = json.loads(modules)
     assert "pop3d.protocol" in loaded
-    outside = [m for m in loaded if m.partition(".")[0] not in sys.stdlib_module_names and m.partition(".")[0] != "pop3d"]
+    outside = [
+        m for m in loaded if m.partition(".")[0] not in sys.stdlib_module_names and m.partition(".")[0] != "pop3d"
+    ]
     assert outside == []
     assert "pop3d.server" not in loaded and "pop3d.admin" not in loaded
 
