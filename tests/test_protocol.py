@@ -19,6 +19,7 @@ from pop3d.protocol import (
     NEED_DATA,
     OUTGOING_LIMIT,
     PAUSED,
+    TRANSITIONS,
     Authenticate,
     Closed,
     ListUids,
@@ -28,6 +29,7 @@ from pop3d.protocol import (
     Retrieve,
     StartTLS,
     State,
+    Trigger,
     Update,
     apop_digest,
     valid_uid,
@@ -572,3 +574,37 @@ def test_passwords_stay_out_of_reprs() -> None:
     event = Authenticate(mechanism="user", credentials=Password(user="alice", secret="hunter2"))
     assert "hunter2" not in repr(event)
     assert "alice" in repr(event)
+
+
+def test_transition_table_is_the_state_machine() -> None:
+    # Every live state can be closed, CLOSED leads nowhere, and every state is reachable.
+    for state in (State.AUTHORIZATION, State.TRANSACTION, State.UPDATE):
+        assert TRANSITIONS[state, Trigger.CLOSE] is State.CLOSED
+    assert not [key for key in TRANSITIONS if key[0] is State.CLOSED]
+    reached = {State.AUTHORIZATION} | set(TRANSITIONS.values())
+    assert reached == set(State)
+
+
+@pytest.mark.parametrize(
+    ("data", "states"),
+    [
+        (LOGIN + b"QUIT\r\n", [State.AUTHORIZATION, State.TRANSACTION, State.UPDATE, State.CLOSED]),
+        (b"QUIT\r\n", [State.AUTHORIZATION, State.CLOSED]),
+        (b"USER a\r\nPASS x\r\n" * 3, [State.AUTHORIZATION, State.CLOSED]),
+    ],
+)
+def test_the_engine_moves_only_along_the_table(data: bytes, states: list[State]) -> None:
+    seen: list[State] = []
+
+    class Watched(POP3Connection):
+        __slots__ = ()
+
+        def _move(self, trigger: Trigger) -> None:
+            before = self.state
+            super()._move(trigger)
+            assert TRANSITIONS[before, trigger] is self.state
+            seen.append(self.state)
+
+    _, driver = run(data, bytewise=False, conn_args={"connection_class": Watched})
+    assert [State.AUTHORIZATION, *seen] == states
+    assert driver.conn.state is states[-1]
