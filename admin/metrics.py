@@ -36,6 +36,9 @@ _PER_SERVER: tuple[tuple[str, str, type[Family], Callable[[Server], float]], ...
     ("pop3d_server_up", "Whether the server is listening (1) or not (0).", GaugeMetricFamily,
      lambda server: 1 if server.state == "up" else 0),
     ("pop3d_connections_open", "Open POP3 connections.", GaugeMetricFamily, lambda server: len(server.conn_list())),
+    # The limit beside the count, so that an alert can compare them (the limit changes on a reload).
+    ("pop3d_connections_limit", "Open POP3 connections the server takes at most (max_connections).",
+     GaugeMetricFamily, lambda server: server.options.max_connections),
     ("pop3d_sessions", "POP3 sessions begun.", CounterMetricFamily, lambda server: server.stats.sessions),
     ("pop3d_tls_handshake_failures", "TLS handshakes that failed or timed out.", CounterMetricFamily,
      lambda server: server.stats.tls_failures),

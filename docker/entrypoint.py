@@ -7,7 +7,7 @@
 
 Every default is a ``POP3D_*`` variable that pop3d itself reads, and is set only when the
 setting is given nowhere else: not as a flag, not in the environment, not in the TOML file
-(``/etc/pop3d/pop3d.toml`` when it exists, or ``--config``).  So what you set always wins.
+(``--config``, else ``POP3D_CONFIG``, else ``/etc/pop3d/pop3d.toml`` when it exists).  So what you set always wins.
 
 - listen        0.0.0.0:110
 - tls-cert/key  /etc/pop3d/tls/cert.pem and key.pem, when both exist
@@ -70,7 +70,7 @@ def resolve(args: list[str], environ: dict[str, str]) -> tuple[list[str], dict[s
     """``pop3d serve``'s arguments and environment with the container defaults; and whether it is the demo."""
     args, env = list(args), dict(environ)
 
-    config = flag_value(args, "config")
+    config = flag_value(args, "config") or env.get("POP3D_CONFIG") or None
     if config is None and CONFIG.is_file():
         config = str(CONFIG)
         args = ["--config", config, *args]

@@ -40,16 +40,9 @@ def settings() -> Any:
     for name in [k for k in os.environ if k.startswith("POP3D_")]:
         del os.environ[name]
     os.environ.update({k: v for k, v in env.items() if k.startswith("POP3D_")})
-    from pop3d.settings import ServeSettings, load_settings
+    from pop3d.cli import serve_settings  # what `pop3d serve` itself makes of them
 
-    try:
-        from pop3d.cli import _parser  # the very parser of `pop3d serve`
-
-        parsed = vars(_parser().parse_args(["serve", *args]))
-    except (ImportError, AttributeError, SystemExit):
-        parsed = {}
-    cli = {k: v for k, v in parsed.items() if k in ServeSettings.model_fields and v is not None}
-    return load_settings(cli, parsed.get("config"))
+    return serve_settings(args)
 
 
 def connect_host(host: str | None) -> str:

@@ -29,7 +29,7 @@ from .settings import (
     load_settings,
 )
 
-__all__ = ["main"]
+__all__ = ["main", "serve_settings", "setting_flags"]
 
 # Kept for importers; the formats live in pop3d.logs.
 LOG_FORMAT = logs.TEXT_FORMAT
@@ -63,7 +63,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _serve_flags(serve: argparse.ArgumentParser) -> None:
     """The flags of ``serve`` (and of ``check-config``, which must read them alike)."""
-    serve.add_argument("--config", type=Path, metavar="FILE", help="TOML file with settings")
+    serve.add_argument(
+        "--config", type=Path, metavar="FILE", help="TOML file with settings (default: $POP3D_CONFIG, if set)"
+    )
     serve.add_argument(
         "--listen",
         action="append",
@@ -89,6 +91,12 @@ def _serve_flags(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--admin", metavar="HOST:PORT", help=f"admin HTTP API address (default {DEFAULT_ADMIN})")
     serve.add_argument("--no-admin", action="store_true", default=None, help="do not start the admin API")
     serve.add_argument("--admin-token-file", type=Path, metavar="FILE", help="file with the admin API bearer token")
+    serve.add_argument(
+        "--admin-cors-origin",
+        action="append",
+        metavar="ORIGIN",
+        help="web origin (scheme://host[:port]) whose pages may call the admin API from a browser, repeatable",
+    )
     serve.add_argument(
         "--log-level", type=str.lower, choices=["debug", "info", "warning", "error"], help="default info"
     )
@@ -139,13 +147,45 @@ def _user_parser(commands: Any) -> None:
         )
 
 
+def setting_flags() -> dict[str, str]:
+    """The flag of each setting of ``serve`` that has one: ``{"mail_root": "--mail-root", ...}``.
+
+    Read from the parser itself, so it names the flags ``serve`` really
+    takes.  A setting with no flag (``admin_token``: a secret does not
+    belong on a command line) is left out.
+    """
+    serve = _subparser(_parser(), "serve")
+    return {
+        action.dest: action.option_strings[0]
+        for action in serve._actions
+        if action.dest in ServeSettings.model_fields and action.option_strings
+    }
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[name]  # type: ignore[no-any-return]
+    raise LookupError(name)
+
+
+def serve_settings(argv: Sequence[str] = ()) -> ServeSettings:
+    """The settings ``pop3d serve ARGV`` would run with: its flags, the ``POP3D_*`` variables, the TOML file.
+
+    For tools that must agree with the server, such as the container's
+    healthcheck.  Raises :class:`~pop3d.settings.SettingsError` (or
+    :class:`SystemExit` for a flag argparse refuses).
+    """
+    args = _parser().parse_args(["serve", *argv])
+    return _settings(args)[0]
+
+
 def _settings(args: argparse.Namespace) -> tuple[ServeSettings, Any]:
     """The settings of ``serve`` or ``check-config``, and how to read them again (SIGHUP)."""
-    # Every flag is named after its setting; only those given go in, so the
-    # environment and the TOML file still count for the others.
-    cli: dict[str, Any] = {
-        key: value for key, value in vars(args).items() if key in ServeSettings.model_fields and value is not None
-    }
+    # Every flag is named after its setting (see setting_flags); only those
+    # given go in, so the environment and the TOML file still count for the others.
+    flags = setting_flags()
+    cli: dict[str, Any] = {key: value for key, value in vars(args).items() if key in flags and value is not None}
 
     def load() -> ServeSettings:
         return load_settings(cli, args.config)

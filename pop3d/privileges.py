@@ -10,7 +10,9 @@ a server that quietly keeps root.
 
 from __future__ import annotations
 
+import contextlib
 import grp
+import importlib
 import logging
 import os
 import pwd
@@ -69,10 +71,29 @@ def plan(user: str | None, group: str | None, *, allow_root: bool, serves_mail: 
     return Identity(user=user, uid=entry.pw_uid, gid=gid)
 
 
+# Standard modules that Python or pop3d import only when first needed: a text
+# file in ASCII, an IDNA host name, the demo's package data.  Imported before
+# the drop, because the new user may not be able to read the standard library
+# (a Python installed under root's home, as pyenv does).
+_IMPORTED_BEFORE_DROP = (
+    "encodings.ascii",
+    "encodings.idna",
+    "encodings.latin_1",
+    "encodings.utf_8",
+    "importlib.readers",
+    "importlib.resources.readers",
+    "stringprep",
+    "unicodedata",
+)
+
+
 def drop(identity: Identity) -> None:
     """Become ``identity`` for good (nothing if already it)."""
     if (os.geteuid(), os.getegid()) == (identity.uid, identity.gid):
         return
+    for name in _IMPORTED_BEFORE_DROP:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
     # The user's own supplementary groups (ssl-cert, mail...) and no others of root's.
     os.initgroups(identity.user, identity.gid)
     os.setgid(identity.gid)

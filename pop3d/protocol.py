@@ -75,6 +75,7 @@ __all__ = [
     "State",
     "Update",
     "apop_digest",
+    "commands_in",
     "valid_uid",
 ]
 
@@ -939,3 +940,8 @@ _COMMANDS: dict[State, dict[str, _Handler]] = {
     },
 }
 _KNOWN = frozenset(name for table in _COMMANDS.values() for name in table)
+
+
+def commands_in(state: State) -> tuple[str, ...]:
+    """The commands the engine accepts in ``state``, in the order it lists them (none once closed)."""
+    return tuple(_COMMANDS.get(state, {}))

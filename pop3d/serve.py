@@ -20,17 +20,21 @@ check-config``.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
+import pwd
 import resource
 import shutil
 import signal
 import socket
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -59,10 +63,39 @@ def demo_data_dir() -> Path:
     """A writable copy of the demo data (a user and a welcome message).
 
     Made on first use under ``$XDG_DATA_HOME/pop3d/demo`` (``~/.local/share``
-    by default); deleting it brings the welcome message back next time.
+    by default); deleting it brings the welcome message back next time.  The
+    home is the running user's: after ``--user`` drops root, that is the new
+    user's (root's ``$HOME`` is not theirs).  With no home of its own (as
+    ``nobody``), the copy goes to a private temporary directory, removed at exit.
     """
-    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
-    target = base / "pop3d" / "demo"
+    base = _data_home()
+    if base is not None:
+        try:
+            return _copy_demo(base / "pop3d" / "demo")
+        except PermissionError:
+            pass
+    staging = Path(tempfile.mkdtemp(prefix="pop3d-demo-"))
+    atexit.register(shutil.rmtree, staging, True)
+    target = _copy_demo(staging / "demo")
+    log.info("no writable home for the demo data: using %s until pop3d stops", target)
+    return target
+
+
+def _data_home() -> Path | None:
+    """``$XDG_DATA_HOME``, or ``.local/share`` in a home directory that belongs to the running user."""
+    if xdg := os.environ.get("XDG_DATA_HOME"):
+        return Path(xdg)
+    homes = [os.environ.get("HOME")]
+    with contextlib.suppress(KeyError):
+        homes.append(pwd.getpwuid(os.geteuid()).pw_dir)
+    for home in homes:
+        with contextlib.suppress(OSError):
+            if home and os.stat(home).st_uid == os.geteuid():
+                return Path(home) / ".local" / "share"
+    return None
+
+
+def _copy_demo(target: Path) -> Path:
     if not target.exists():
         source = resources.files("pop3d") / "demo"
         with resources.as_file(source) as path:
@@ -114,6 +147,11 @@ def _check_startup(settings: ServeSettings) -> tuple[str | None, str | None, Ide
         from pop3d.admin.access import check_bind  # the admin API is optional at import time
 
         check_bind(admin_bind, token=token)  # refuse before anything listens
+        if settings.admin_cors_origin and not token:
+            log.warning(
+                "admin API has no token: pages from %s can use it from a browser on this host",
+                ", ".join(settings.admin_cors_origin),
+            )
     identity = plan(
         settings.user,
         settings.group,
@@ -196,10 +234,12 @@ async def serve(
                 await srv.up(listeners=listeners)
             admin_url = None
             if admin_bind is not None:
+                from pop3d.admin.access import cors_of
                 from pop3d.admin.app import create_app
                 from pop3d.admin.serve import serve_admin
 
-                app = create_app(token=token)
+                app = create_app(token=token, cors_origins=settings.admin_cors_origin)
+                live.admin_cors = cors_of(app)
                 admin_url = await nursery.start(_serve_admin, serve_admin, app, admin_bind, shutdown)
             running = Running(servers, admin_url, shutdown)
             for srv in servers:
@@ -281,11 +321,25 @@ def _warn_if_no_login_possible(settings: ServeSettings) -> None:
     if settings.tls_cert is not None:
         return
     exposed = [str(address) for address in settings.listen if address.host is None or not is_loopback(address.host)]
-    if exposed:
+    if not exposed:
+        return
+    where = ", ".join(exposed)
+    networks = settings.cleartext_auth_from
+    if not networks:
+        log.warning("no TLS certificate: on %s, no client can log in (give tls-cert and tls-key)", where)
+    elif any(network.prefixlen == 0 for network in networks):
+        if settings.users is None:  # the demo: its password and its mail are public anyway
+            log.info("serving the demo without TLS on %s: its password is public, so it may go in clear", where)
+        else:
+            log.warning(
+                "no TLS certificate: on %s, every client sends its password in clear (give tls-cert and tls-key)",
+                where,
+            )
+    else:
         log.warning(
             "no TLS certificate: on %s, only clients from %s can log in (give tls-cert and tls-key)",
-            ", ".join(exposed),
-            format_networks(settings.cleartext_auth_from),
+            where,
+            format_networks(networks),
         )
 
 
@@ -302,6 +356,7 @@ _RELOADABLE = frozenset(
         "grace_period",
         "log_level",
         "log_format",
+        "admin_cors_origin",
     }
 )
 
@@ -320,6 +375,8 @@ class _Live:
         self._servers = servers
         self._penalties = penalties
         self._load = load
+        # The admin API's CorsOrigins (pop3d.admin.access), once it runs: a reload replaces its origins.
+        self.admin_cors: Any = None
 
     def reload(self) -> None:
         """SIGHUP: new settings where they can change, then the certificate read again."""
@@ -376,6 +433,9 @@ class _Live:
             logs.set_level(effective.log_level)
         if "max_connections" in names:
             _raise_file_limit(effective.max_connections * len(self._servers))
+        if "admin_cors_origin" in names and self.admin_cors is not None:
+            # One attribute swapped between requests: a request sees the old set or the new, never half.
+            self.admin_cors.replace(effective.admin_cors_origin)
         self.settings = effective
         if applied:
             log.info(

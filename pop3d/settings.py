@@ -40,8 +40,10 @@ __all__ = [
     "ServeSettings",
     "SettingsError",
     "effective_settings",
+    "env_variable",
     "format_value",
     "load_settings",
+    "toml_key",
 ]
 
 DEFAULT_LISTEN = "127.0.0.1:1110"
@@ -94,6 +96,21 @@ def _addresses(value: Any) -> Any:
         if [str(item).strip().lower() for item in value] == ["none"]:
             return []  # no plain POP3 listener (POP3S only)
         return [_address(item) for item in value]
+    return value
+
+
+def _origins(value: Any) -> Any:
+    # As listen: a list in TOML, repeated flags, comma-separated in the environment; none for none.
+    if isinstance(value, str):
+        value = [part for part in value.split(",") if part.strip()]
+    if isinstance(value, list | tuple):
+        if not value or [str(item).strip().lower() for item in value] == ["none"]:
+            return []
+        # The admin API's own check, so that the two cannot disagree; it is
+        # imported only when there are origins (Quart is slow to import).
+        from pop3d.admin.access import parse_origin
+
+        return list(dict.fromkeys(parse_origin(str(item)) for item in value))
     return value
 
 
@@ -160,6 +177,10 @@ class ServeSettings(BaseSettings):
     no_admin: bool = Field(False, description="Do not start the admin HTTP API.")
     admin_token: SecretStr | None = Field(None, description="Bearer token the admin API requires.")
     admin_token_file: Path | None = Field(None, description="File holding the admin API's bearer token.")
+    admin_cors_origin: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Web origins (scheme://host[:port]) whose pages may call the admin API from a browser (CORS).",
+    )
     log_level: str = Field("info", pattern="^(?i:debug|info|warning|error)$", description="Log level.")
     log_format: Literal["text", "json"] = Field(
         "text", description="Log lines as text, or one JSON object per line (for log collectors)."
@@ -167,6 +188,7 @@ class ServeSettings(BaseSettings):
 
     _listen_parse = field_validator("listen", "listen_tls", mode="before")(lambda cls, v: _addresses(v))
     _admin_parse = field_validator("admin", mode="before")(lambda cls, v: _address(v))
+    _origins_parse = field_validator("admin_cors_origin", mode="before")(lambda cls, v: _origins(v))
     _format_lower = field_validator("log_level", "log_format", mode="before")(
         lambda cls, v: v.lower() if isinstance(v, str) else v
     )
@@ -248,9 +270,26 @@ class _TomlSource(PydanticBaseSettingsSource):
         return dict(self._data)
 
 
+def env_variable(name: str) -> str:
+    """The environment variable of setting ``name``: ``POP3D_MAIL_ROOT`` for ``mail_root``."""
+    return f"{ServeSettings.model_config['env_prefix']}{name.upper()}"
+
+
+def toml_key(name: str) -> str:
+    """The TOML key of setting ``name``, as ``check-config`` prints it: ``mail-root`` for ``mail_root``.
+
+    (A TOML file may also spell it ``mail_root``.)
+    """
+    return name.replace("_", "-")
+
+
+#: The variable that names the TOML file when ``--config`` is not given.
+CONFIG_VARIABLE = "POP3D_CONFIG"
+
+
 def _refuse_unknown_variables() -> None:
     """A misspelled ``POP3D_*`` variable is an error, as an unknown TOML key is."""
-    known = {f"POP3D_{name.upper()}" for name in ServeSettings.model_fields}
+    known = {env_variable(name) for name in ServeSettings.model_fields} | {CONFIG_VARIABLE}
     for variable in sorted(os.environ):
         if variable.upper().startswith("POP3D_") and variable.upper() not in known:
             raise SettingsError(f"{variable}: unknown setting")
@@ -259,8 +298,11 @@ def _refuse_unknown_variables() -> None:
 def load_settings(cli: dict[str, Any], config: Path | None = None) -> ServeSettings:
     """Settings from the command line's values, the environment and ``config``.
 
-    ``cli`` holds only what was given on the command line.
+    ``cli`` holds only what was given on the command line.  Without
+    ``config``, the TOML file named by ``POP3D_CONFIG`` (if set) is read.
     """
+    if config is None and os.environ.get(CONFIG_VARIABLE):
+        config = Path(os.environ[CONFIG_VARIABLE])
     if config is not None and not config.is_file():
         raise SettingsError(f"config: no such file: {config}")
     _refuse_unknown_variables()
@@ -332,5 +374,5 @@ def effective_settings(settings: ServeSettings, *, everything: bool = False) -> 
     for name in ServeSettings.model_fields:
         value = format_value(name, getattr(settings, name))
         if everything or value != format_value(name, _default(name)):
-            out.append((name.replace("_", "-"), value))
+            out.append((toml_key(name), value))
     return out

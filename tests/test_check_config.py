@@ -178,3 +178,51 @@ def test_docs_examples_run_as_printed(command: str, output: list[str], tmp_path:
 
 def test_docs_have_examples() -> None:
     assert len(doc_examples()) >= 2
+
+
+def test_pop3d_config_names_the_toml_file(site: Path) -> None:
+    config = site / "from-env.toml"
+    config.write_text("max-connections = 77\n")
+    values = printed(check("--users", str(site / "users"), env={**AS_ROOT, "POP3D_CONFIG": str(config)}))
+    assert values["max-connections"] == 77
+    # --config still wins over the variable.
+    other = site / "from-flag.toml"
+    other.write_text("max-connections = 88\n")
+    values = printed(
+        check("--users", str(site / "users"), "--config", str(other), env={**AS_ROOT, "POP3D_CONFIG": str(config)})
+    )
+    assert values["max-connections"] == 88
+    missing = check("--users", str(site / "users"), env={**AS_ROOT, "POP3D_CONFIG": str(site / "nope.toml")})
+    assert missing.returncode == 2
+    assert missing.stderr.strip() == f"pop3d: error: config: no such file: {site / 'nope.toml'}"
+
+
+def test_serve_settings_is_what_serve_would_run_with(site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pop3d.cli import serve_settings
+
+    for key in [k for k in os.environ if k.upper().startswith("POP3D_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("POP3D_ADMIN", "127.0.0.1:9911")
+    settings = serve_settings(["--users", str(site / "users"), "--max-connections", "12"])
+    assert settings.max_connections == 12
+    assert str(settings.admin) == "127.0.0.1:9911"
+    assert settings.users == site / "users"
+
+
+@pytest.mark.parametrize(
+    ("networks", "users", "said"),
+    [
+        ("none", True, "WARNING pop3d: no TLS certificate: on 0.0.0.0:1110, no client can log in"),
+        ("10.0.0.0/8", True, "WARNING pop3d: no TLS certificate: on 0.0.0.0:1110, only clients from 10.0.0.0/8 can"),
+        ("0.0.0.0/0,::/0", True, "WARNING pop3d: no TLS certificate: on 0.0.0.0:1110, every client sends its password"),
+        ("0.0.0.0/0,::/0", False, None),  # the demo: its password is public, nothing to warn about
+    ],
+)
+def test_the_cleartext_warning_says_what_happens(site: Path, networks: str, users: bool, said: str | None) -> None:
+    args = ["--listen", "0.0.0.0:1110", "--no-admin"]
+    if users:
+        args += ["--users", str(site / "users"), "--mail-root", str(site / "mail")]
+    result = check(*args, env={**AS_ROOT, "POP3D_CLEARTEXT_AUTH_FROM": networks})
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "TLS certificate" in line]
+    assert [said in line for line in warnings] == ([True] if said else [])
