@@ -1,14 +1,20 @@
-"""Who may use the admin API: the bearer token, and where the API may listen.
+"""Who may use the admin API: the bearer token, where the API may listen, and which web pages may call it.
 
 The admin API can stop servers and kick users, so it is either protected
 by a token or reachable from this host only.  :func:`check_bind` enforces
 that at start-up; :class:`BearerToken` checks every request.
+:class:`CorsOrigins` names the web origins whose pages may call the API
+from a browser (CORS); the token is still required of them.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
+import re
+from collections.abc import Iterable
+from urllib.parse import urlsplit
 
 from quart import Quart, Response, request
 
@@ -17,14 +23,23 @@ from pop3d.networks import is_loopback
 
 from .docs import DOCS_ENDPOINTS
 from .errors import error_response
+from .ui import UI_ENDPOINTS
 
 __all__ = [
+    "CORS_EXTENSION",
+    "CORS_HEADERS",
+    "CORS_MAX_AGE",
+    "CORS_METHODS",
     "PUBLIC_ENDPOINTS",
     "AdminAccessError",
     "BearerToken",
+    "CorsOrigins",
     "check_bind",
+    "cors_of",
     "install_access",
+    "install_cors",
     "is_loopback",
+    "parse_origin",
     "refuse_unprotected",
     "split_bind",
 ]
@@ -32,7 +47,7 @@ __all__ = [
 # Open without a token: /healthz, so that a supervisor can tell the process is
 # alive; the OpenAPI document and the page that shows it (with its assets),
 # which hold nothing secret, so that the page loads and takes the token itself.
-PUBLIC_ENDPOINTS = frozenset({"admin.healthz", "openapi", *DOCS_ENDPOINTS})
+PUBLIC_ENDPOINTS = frozenset({"admin.healthz", "openapi", *DOCS_ENDPOINTS, *UI_ENDPOINTS})
 
 log = logging.getLogger("pop3d.admin")
 
@@ -120,3 +135,126 @@ def install_access(app: Quart, token: BearerToken | None) -> None:
         )
 
     app.before_request(require_token)
+
+
+# -- CORS: browser pages from other origins ----------------------------------
+
+#: Where :func:`install_cors` keeps an app's :class:`CorsOrigins` in ``app.extensions``.
+CORS_EXTENSION = "pop3d.admin.cors"
+#: The methods the API's endpoints answer to: what a preflight allows.
+CORS_METHODS = ("GET", "POST", "PATCH", "DELETE")
+#: The request headers a page may send beyond the safelisted ones: the token and JSON bodies.
+CORS_HEADERS = ("Authorization", "Content-Type")
+#: Seconds a browser may reuse a preflight's answer (browsers cap it: Chromium at 7200).
+CORS_MAX_AGE = 600
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_HOST_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*$")
+
+
+def parse_origin(text: str) -> str:
+    """``text`` as a browser writes it in the ``Origin`` header: ``scheme://host[:port]``.
+
+    The scheme is ``http`` or ``https``; scheme and host are lower-cased and
+    a default port (80, 443) is dropped, so that ``https://Dash.example.org:443``
+    matches what the browser sends, ``https://dash.example.org``.  Raises
+    :class:`ValueError` with a one-line message for anything else (a path,
+    a ``*``, a user name...).
+    """
+    given = text.strip()
+    try:
+        parts = urlsplit(given)
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"{text!r} is not an origin (scheme://host[:port])") from None
+    scheme, host = parts.scheme.lower(), parts.hostname or ""
+    if scheme not in _DEFAULT_PORTS or not given.lower().startswith(f"{scheme}://"):
+        raise ValueError(f"{text!r} is not an origin: it starts with http:// or https://")
+    if parts.path or parts.query or parts.fragment or given.endswith(("?", "#")):
+        raise ValueError(f"{text!r} is not an origin: no path, give {scheme}://{parts.netloc.lower()}")
+    if parts.username is not None or "@" in parts.netloc:
+        raise ValueError(f"{text!r} is not an origin: no user name or password")
+    if parts.netloc.startswith("["):
+        try:
+            host = f"[{ipaddress.IPv6Address(host).compressed}]"
+        except ValueError:
+            raise ValueError(f"{text!r} is not an origin: bad IPv6 address {host!r}") from None
+    elif not _HOST_NAME.match(host):
+        # Browsers send international names in their ASCII (xn--) form.
+        raise ValueError(f"{text!r} is not an origin: bad host {host!r}")
+    if port is not None and port != _DEFAULT_PORTS[scheme]:
+        return f"{scheme}://{host}:{port}"
+    return f"{scheme}://{host}"
+
+
+class CorsOrigins:
+    """The web origins whose pages may call the admin API from a browser; none by default.
+
+    A page's requests still need the bearer token (when the API has one);
+    only the preflight ``OPTIONS`` requests, which a browser sends without
+    it, are answered without it.  :meth:`replace` changes the set while the
+    API serves (``pop3d serve`` does so on SIGHUP).
+    """
+
+    def __init__(self, origins: Iterable[str] = ()) -> None:
+        self.allowed: frozenset[str] = frozenset()
+        self.replace(origins)
+
+    def replace(self, origins: Iterable[str]) -> None:
+        """Allow exactly ``origins`` from now on; a bad one raises :class:`ValueError` and changes nothing."""
+        self.allowed = frozenset(parse_origin(origin) for origin in origins)
+
+    def allows(self, origin: str | None) -> bool:
+        """Whether ``origin`` (an ``Origin`` header's value, or None) is one of the allowed."""
+        return origin is not None and origin in self.allowed
+
+    def __repr__(self) -> str:
+        return f"CorsOrigins({sorted(self.allowed)!r})"
+
+
+def cors_of(app: Quart) -> CorsOrigins:
+    """The :class:`CorsOrigins` that :func:`install_cors` gave ``app``."""
+    cors = app.extensions[CORS_EXTENSION]
+    assert isinstance(cors, CorsOrigins)
+    return cors
+
+
+def install_cors(app: Quart, cors: CorsOrigins) -> None:
+    """Answer the CORS of ``app`` from ``cors``; install it before :func:`install_access`.
+
+    For an allowed ``Origin``, every response carries
+    ``Access-Control-Allow-Origin`` (that origin, never ``*``), and a
+    preflight (``OPTIONS`` with ``Access-Control-Request-Method``) is
+    answered 204 here, before the token check: browsers send preflights
+    without the ``Authorization`` header.  Other origins get no
+    ``Access-Control-*`` header, so their pages cannot read any answer.
+    """
+    app.extensions[CORS_EXTENSION] = cors
+
+    async def answer_preflight() -> Response | None:
+        if request.method != "OPTIONS" or "Access-Control-Request-Method" not in request.headers:
+            return None
+        if not cors.allows(request.headers.get("Origin")):
+            return None  # an ordinary request then: the token check, routing, no CORS headers
+        response = Response("", status=204)
+        del response.headers["Content-Type"]  # no body, so no type
+        response.headers["Access-Control-Allow-Methods"] = ", ".join(CORS_METHODS)
+        response.headers["Access-Control-Allow-Headers"] = ", ".join(CORS_HEADERS)
+        response.headers["Access-Control-Max-Age"] = str(CORS_MAX_AGE)
+        return response
+
+    async def allow_origin(response: Response) -> Response:
+        if not cors.allowed:
+            return response
+        # The answer depends on Origin: a cache must not hand one origin's answer to another.
+        response.vary.add("Origin")
+        origin = request.headers.get("Origin")
+        if cors.allows(origin):
+            assert origin is not None
+            response.headers["Access-Control-Allow-Origin"] = origin
+            # So that a page can tell a missing token from a bad one.
+            response.headers["Access-Control-Expose-Headers"] = "WWW-Authenticate"
+        return response
+
+    app.before_request(answer_preflight)
+    app.after_request(allow_origin)

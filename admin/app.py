@@ -7,13 +7,15 @@ that Quart-Trio opens for the lifespan.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from quart_schema import HttpSecurityScheme, Info, QuartSchema
 from quart_trio import QuartTrio
 
 import pop3d
 
-from . import docs
-from .access import BearerToken, install_access
+from . import docs, events, ui
+from .access import BearerToken, CorsOrigins, install_access, install_cors
 from .errors import install_error_handlers
 from .metrics import new_registry
 from .openapi import AdminOpenAPIProvider
@@ -22,7 +24,7 @@ from .routes import EXTENSION, AdminSettings, blueprint
 __all__ = ["create_app"]
 
 
-def create_app(*, token: str | None = None) -> QuartTrio:
+def create_app(*, token: str | None = None, cors_origins: Iterable[str] = ()) -> QuartTrio:
     """A new admin API app over the server objects of this process.
 
     With ``token``, every endpoint requires ``Authorization: Bearer
@@ -31,7 +33,12 @@ def create_app(*, token: str | None = None) -> QuartTrio:
     under ``/docs/static/``; the token is entered in the page).  Whether
     the app may listen on a given address is decided by
     :func:`admin.check_bind` (which :func:`admin.serve_admin` calls).
+
+    ``cors_origins`` (``scheme://host[:port]`` each) lets pages of those web
+    origins call the API from a browser: see :func:`admin.access.install_cors`.
+    A bad origin raises :class:`ValueError`.
     """
+    cors = CorsOrigins(cors_origins)  # first: a bad origin fails before anything is built
     app = QuartTrio("pop3d.admin")
     bearer = BearerToken(token) if token else None
     app.extensions[EXTENSION] = AdminSettings(token=bearer, registry=new_registry())
@@ -51,7 +58,11 @@ def create_app(*, token: str | None = None) -> QuartTrio:
         security=[{"bearer": []}] if bearer else None,
     )
     install_error_handlers(app)
+    # Preflights are answered before the token check: browsers send them without the token.
+    install_cors(app, cors)
     install_access(app, bearer)
     app.register_blueprint(blueprint)
     app.register_blueprint(docs.blueprint)
+    app.register_blueprint(events.blueprint)
+    app.register_blueprint(ui.blueprint)
     return app

@@ -26,6 +26,7 @@ from hypercorn.typing import Framework, ResponseSummary, WWWScope
 from quart_trio import QuartTrio
 
 from .access import refuse_unprotected, split_bind
+from .events import stop_streams
 from .routes import settings_of
 
 __all__ = ["ACCESS_LOG_FORMAT", "hypercorn_config", "serve_admin"]
@@ -87,8 +88,14 @@ async def serve_admin(
     """
     protected = settings_of(app).token is not None
     refuse_unprotected(bind, protected=protected)
+
+    async def trigger() -> None:
+        await shutdown_trigger()
+        # Event streams never end by themselves; Hypercorn would wait for them.
+        stop_streams(app)
+
     # QuartTrio is an ASGI app; Hypercorn's Framework type does not see it as one.
-    hypercorn = partial(serve, cast(Framework, app), hypercorn_config(bind), shutdown_trigger=shutdown_trigger)
+    hypercorn = partial(serve, cast(Framework, app), hypercorn_config(bind), shutdown_trigger=trigger)
     async with trio.open_nursery() as nursery:
         urls: list[str] = await nursery.start(hypercorn)
         # One bind is one socket, so one URL.

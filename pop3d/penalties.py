@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .changes import notify
+
 __all__ = ["DEFAULT_MAX_DELAY", "Penalty", "PenaltyBox", "address_key"]
 
 DEFAULT_MAX_DELAY = 15.0
@@ -132,6 +134,7 @@ class PenaltyBox:
             table.move_to_end(key)  # the stalest stay at the front
             while len(table) > self._max_entries:
                 table.popitem(last=False)
+        notify()
 
     def succeeded(self, address: str, user: str) -> None:
         """A login from ``address`` as ``user`` succeeded.
@@ -147,6 +150,7 @@ class PenaltyBox:
             entry.failures -= entry.by_user.pop(user[:MAX_USER], 0)
             if entry.failures <= 0:
                 del self._tables["address"][key]
+        notify()
 
     # -- what the admin sees and does -----------------------------------------
 
@@ -169,7 +173,9 @@ class PenaltyBox:
     def clear(self, kind: Kind, key: str) -> bool:
         """Forget one penalty; ``key`` may be any address of a penalised /64.  Whether there was one."""
         key = (address_key(key) or key) if kind == "address" else key[:MAX_USER]
-        return self._tables[kind].pop(key, None) is not None
+        cleared = self._tables[kind].pop(key, None) is not None
+        notify()
+        return cleared
 
     # -- inside ----------------------------------------------------------------
 

@@ -28,6 +28,7 @@ import trio
 
 from . import proxy, replies
 from ._version import __version__
+from .changes import notify
 from .connections import ConnectionTable, Verdict
 from .errors import NameTaken, OptionError, StateError, UnknownConnection
 from .login_slots import LoginSlots
@@ -101,7 +102,7 @@ class Server:
         self.name = name
         self._options = ServerOptions()
         self._tls_context: ssl.SSLContext | None = None
-        self._state: ServerState = "down"
+        self._state: ServerState = "down"  # changed through _set_state, which tells watchers
         self._true_port: int | None = None
         self._nursery: trio.Nursery | None = None
         self._listener_scope: trio.CancelScope | None = None
@@ -143,6 +144,7 @@ class Server:
                 raise OptionError([("tls_cert", str(exc))]) from None
         self._options, self._tls_context = new, context
         self._login_slots.per_address = new.max_logins_per_ip
+        notify()
         return None
 
     def cget(self, option: str) -> Any:
@@ -206,12 +208,17 @@ class Server:
                 nursery.cancel_scope.cancel()
         finally:
             self._nursery = None
-            self._state = "down"
+            self._set_state("down")
             self._true_port = None
             self._finish()
 
+    def _set_state(self, state: ServerState) -> None:
+        self._state = state
+        notify()
+
     def _finish(self) -> None:
         self._destroyed = True
+        notify()
         if _servers.get(self.name) is self:
             del _servers[self.name]
         self._finished.set()
@@ -249,7 +256,7 @@ class Server:
             self._listener_done = trio.Event()
             self._listener_scope = await nursery.start(self._listen, self._listeners, self._listener_done)
             self._true_port = self._bound_port(self._listeners, options.port)
-            self._state = "up"
+            self._set_state("up")
             log.info("server %s listening on %s port %d", self.name, options.host or "*", self._true_port)
 
     @staticmethod
@@ -298,7 +305,7 @@ class Server:
         async with self._transition:
             await self._stop_listening()
             if self._state == "up":
-                self._state = "down"
+                self._set_state("down")
 
     async def _stop_listening(self) -> None:
         if self._listener_scope is not None and self._listener_done is not None:
@@ -334,7 +341,7 @@ class Server:
         async with self._transition:
             await self._stop_listening()
             if mode == "defer" and len(self._table):
-                self._state = "exiting"
+                self._set_state("exiting")
                 deferring = True
                 log.info("server %s exiting after %d connections", self.name, len(self._table))
             else:

@@ -33,6 +33,7 @@ from .callbacks import (
     iterate_message,
     read_listing,
 )
+from .changes import notify
 from .credentials import Credentials
 from .login_slots import LoginSlots
 from .networks import Network, address_in
@@ -210,6 +211,7 @@ class Session:
         self._finished: trio.Event | None = None  # made when first asked for (an empty Event is 400 bytes)
         self._stats = settings.stats
         self._stats.sessions += 1
+        notify()
 
     # -- what the server's connection table sees --------------------------
 
@@ -339,6 +341,7 @@ class Session:
             if self._finished is not None:
                 self._finished.set()
             self._stats.sessions_ended[self.tls is not None] += 1
+            notify()
             log.info(
                 "session %s user=%s remote=%s:%s tls=%s retrieved=%d deleted=%d bytes=%d duration=%.3fs",
                 self.conn_id,
@@ -717,6 +720,7 @@ class Session:
 
     def _count_command(self, keyword: str) -> None:
         self._stats.commands[keyword] += 1
+        notify()  # a live view shows state, messages and idle time per session
 
     @property
     def ended(self) -> bool:
