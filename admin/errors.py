@@ -12,12 +12,13 @@ to its status:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable
 from typing import Any
 
 import pydantic
-from quart import Quart, Response, jsonify
+from quart import Quart, Response, jsonify, request
 from quart_schema import RequestSchemaValidationError
 from werkzeug.exceptions import HTTPException
 
@@ -140,8 +141,18 @@ async def _unexpected(error: Exception) -> Response:
     return error_response(500, "internal error; see the server log")
 
 
+async def _whole_request_first(response: Response) -> Response:
+    # Hypercorn reuses a keep-alive connection only once the whole request has
+    # come in: an answer sent before the body arrived (the token check's 401, a
+    # 405) would leave the client's next request on that connection unanswered.
+    with contextlib.suppress(HTTPException):  # too large or too slow: the answer goes out as it is
+        await request.get_data()
+    return response
+
+
 def install_error_handlers(app: Quart) -> None:
-    """Make every error of ``app`` a JSON error response."""
+    """Make every error of ``app`` a JSON error response, sent once the request is in."""
+    app.after_request(_whole_request_first)
     app.register_error_handler(ApiError, _api_error)
     app.register_error_handler(UnknownConnection, _unknown_connection)
     app.register_error_handler(StateError, _state_error)

@@ -7,12 +7,23 @@ object, so the routes stay short and the mapping lives in one place.
 from __future__ import annotations
 
 import ipaddress
+import re
 import ssl
 from datetime import datetime
 from pathlib import PurePath
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, Strict, WithJsonSchema, create_model
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    IPvAnyNetwork,
+    PlainSerializer,
+    Strict,
+    WithJsonSchema,
+    create_model,
+)
 
 from pop3d.options import READ_ONLY, ServerOptions
 from pop3d.server import Server
@@ -168,6 +179,78 @@ class OptionValue(BaseModel):
     value: Any
 
 
+# One network per item: an address (a network of one) or CIDR.  The options
+# also take "10.0.0.0/8,::1/128" in one string, and spaces, but over JSON a
+# list is the way, and the document can then say exactly what an item is.
+_NETWORK = re.compile(r"[0-9A-Fa-f.:]+(?:/[0-9]{1,3})?")
+
+
+# Where to listen: an IPv6 address, or a host name in ASCII (which IPv4 addresses
+# also are).  The options take any name that IDNA encodes; over JSON the
+# document can then say exactly what is taken.
+_HOST_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST_NAME = re.compile(rf"{_HOST_LABEL}(?:\.{_HOST_LABEL})*")
+_MAX_HOST_NAME = 253
+
+_HOST_SCHEMA = {
+    "anyOf": [
+        {"type": "string", "format": "ipv6"},
+        {"type": "string", "pattern": f"^{_HOST_NAME.pattern}$", "maxLength": _MAX_HOST_NAME},
+        {"type": "null"},
+    ],
+    "examples": ["127.0.0.1", "::1", "pop.example.org"],
+}
+
+
+def _bind_host(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value  # None, or something pydantic refuses
+    if "%" not in value:  # a scoped address (fe80::1%eth0) is not what JSON Schema's ipv6 means
+        try:
+            ipaddress.IPv6Address(value)
+            return value
+        except ValueError:
+            pass
+    if len(value) <= _MAX_HOST_NAME and _HOST_NAME.fullmatch(value):
+        return value
+    raise ValueError(f"{value!r} is not a host name or address")
+
+
+def _integral(value: Any) -> Any:
+    # JSON Schema counts 828.0 as an integer, so the API does too; 1.5 and true stay refused.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _network_list(value: Any) -> Any:
+    """A list of network strings or ``"none"``, for ``parse_networks`` to read; nothing else."""
+    if value == "none":
+        return ()
+    if not isinstance(value, list):
+        raise ValueError('give a list of networks, such as ["10.0.0.0/8", "::1"], or "none"')
+    for item in value:
+        if not isinstance(item, str) or not _NETWORK.fullmatch(item):
+            raise ValueError(f"{item!r} is not a network: give an address or CIDR, such as 10.0.0.0/8")
+    return value
+
+
+_NETWORKS_SCHEMA = {
+    "anyOf": [
+        {
+            "type": "array",
+            "items": {
+                "type": "string",
+                "format": "ipvanynetwork",
+                "pattern": f"^{_NETWORK.pattern}$",
+                "examples": ["10.0.0.0/8", "2001:db8::/32", "192.0.2.7"],
+            },
+        },
+        {"type": "string", "const": "none"},
+    ]
+}
+
+
 def _patch_model() -> type[BaseModel]:
     # Derived from ServerOptions so that a new option is settable here at once,
     # with the same types, limits and descriptions.  Every field is optional:
@@ -177,10 +260,18 @@ def _patch_model() -> type[BaseModel]:
         if name in NOT_SETTABLE:
             continue
         annotation: Any = info.annotation
+        extra: tuple[Any, ...] = ()
         # JSON's true is not 1, nor 1.5 an integer: plain values are taken as they are typed.
-        strict = (Strict(),) if annotation in (int, float, bool, str) else ()
-        if info.metadata or strict:
-            annotation = Annotated[(annotation, *strict, *info.metadata)]
+        if annotation in (int, float, bool, str):
+            extra = (Strict(),)
+        if annotation is int:
+            extra += (BeforeValidator(_integral),)  # the last runs first
+        elif name == "host":
+            extra = (BeforeValidator(_bind_host), WithJsonSchema(_HOST_SCHEMA))
+        elif annotation == tuple[IPvAnyNetwork, ...]:
+            extra = (BeforeValidator(_network_list), WithJsonSchema(_NETWORKS_SCHEMA))
+        if info.metadata or extra:
+            annotation = Annotated[(annotation, *info.metadata, *extra)]
         fields[name] = (annotation, Field(None, description=info.description))
     return create_model(
         "ConfigPatch",
@@ -295,6 +386,9 @@ class Readiness(BaseModel):
     ready: bool
     serving: list[str] = Field(description="Servers that are up and listening.")
     not_listening: list[str] = Field(description="Servers that are up but have no open listening socket.")
+    lock_service_unreachable: list[str] = Field(
+        default_factory=list, description="Servers that are up but cannot reach their lock service (etcd)."
+    )
 
 
 class PenaltyView(BaseModel):

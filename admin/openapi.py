@@ -9,7 +9,8 @@ document, so that each operation lists every status it can really answer:
 
 - :func:`errors` for the error statuses of an operation;
 - :func:`no_content` for a response without a body;
-- :func:`text_content` for a response that is not JSON;
+- :func:`text_content` for a response that is not JSON (an event stream is
+  described event by event);
 - :func:`body_required` for a request body that may not be left out.
 
 Every operation also gets 500 (the JSON error of a bug), and, when the app
@@ -30,6 +31,7 @@ from .models import Error
 
 __all__ = [
     "ERROR_DESCRIPTIONS",
+    "SSE_EVENT_SCHEMA",
     "AdminOpenAPIProvider",
     "body_required",
     "errors",
@@ -44,10 +46,13 @@ _ERROR_REF = "#/components/schemas/Error"
 
 #: What each error status means, as the document describes it.
 ERROR_DESCRIPTIONS = {
-    400: "The body is not valid JSON, or is nested too deeply (bad_request).",
+    400: "The body claims to be JSON but is not (not UTF-8, or malformed), or is nested too deeply (bad_request).",
     401: "Missing or wrong bearer token (unauthorized).",
     404: "No such server, connection, option or penalty (not_found).",
-    409: "The server's state forbids it (conflict): exiting, destroyed, not running, or its port is taken.",
+    409: (
+        "The server's state forbids it (conflict): exiting, destroyed, not running, its port is taken, "
+        "or implicit_tls without a certificate."
+    ),
     422: "A bad body or query parameter (invalid); fields names each bad one.",
     500: "A bug (internal_error); the traceback is in the server log.",
 }
@@ -112,6 +117,24 @@ def body_required(func: F) -> F:
     return _record(func, replace(_extra(func), body_required=True))
 
 
+#: One server-sent event, as OpenAPI 3.1 describes an event stream: the ``schema``
+#: of ``text/event-stream`` is that of each event (its fields), not of the whole text.
+SSE_EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "event": {"type": "string"},
+        "data": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer", "minimum": 0},
+    },
+    "required": ["data"],
+}
+
+
+def _text_schema(media_type: str) -> dict[str, Any]:
+    return SSE_EVENT_SCHEMA if media_type == "text/event-stream" else {"type": "string"}
+
+
 def _error_response(status: int) -> dict[str, Any]:
     return {
         "description": ERROR_DESCRIPTIONS[status],
@@ -145,7 +168,7 @@ class AdminOpenAPIProvider(OpenAPIProvider):
                 for status, (description, media_types) in extra.bodies.items():
                     response: dict[str, Any] = {"description": description}
                     if media_types:
-                        response["content"] = {media: {"schema": {"type": "string"}} for media in media_types}
+                        response["content"] = {media: {"schema": _text_schema(media)} for media in media_types}
                     responses[status] = response
                 statuses = set(extra.errors) | {500}
                 if protected and operation.get("security") != []:

@@ -9,10 +9,12 @@ stay in :class:`pop3d.Server`, whose exceptions become error responses in
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal, cast
+from typing import Any, Literal, TypeVar, cast
 
 import trio
 from prometheus_client import CollectorRegistry
@@ -27,6 +29,7 @@ from pop3d.penalties import PenaltyBox
 from pop3d.server import Server
 
 from .access import BearerToken
+from .cluster import unreachable_lock_services
 from .errors import ApiError
 from .health import not_listening, serving
 from .metrics import render
@@ -59,6 +62,8 @@ EXTENSION = "pop3d.admin"
 # and lets the rest happen later.
 SETTLE_TIMEOUT = 2.0
 
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
 blueprint = Blueprint("admin", __name__)
 log = logging.getLogger("pop3d.admin")
 
@@ -74,6 +79,28 @@ class AdminSettings:
 def settings_of(app: Quart) -> AdminSettings:
     """The :class:`AdminSettings` of an app made by :func:`admin.create_app`."""
     return cast(AdminSettings, app.extensions[EXTENSION])
+
+
+def _utf8_json(func: F) -> F:
+    """Refuse a body that claims to be JSON but is not UTF-8 (400), before quart-schema decodes it.
+
+    Quart decodes the body as UTF-8 and lets a ``UnicodeDecodeError`` out,
+    which would be a 500.  JSON is UTF-8 (RFC 8259), so such a body is
+    simply not JSON.  Put it above ``validate_request``.
+    """
+
+    @functools.wraps(func)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if request.is_json:
+            body = await request.get_data(as_text=False)
+            assert isinstance(body, bytes)
+            try:
+                body.decode()
+            except UnicodeDecodeError:
+                raise ApiError(400, "the request body is not UTF-8, so not JSON") from None
+        return await func(*args, **kwargs)
+
+    return cast(F, wrapper)
 
 
 def _server(name: str) -> Server:
@@ -175,6 +202,7 @@ async def get_config(name: str) -> ConfigView:
 @tag(["options"])
 @errors(400, 404, 409, 422)
 @body_required  # a JSON object; {} changes nothing
+@_utf8_json
 @validate_request(ConfigPatch)
 @validate_response(ConfigView)
 async def patch_config(name: str, data: BaseModel) -> ConfigView:
@@ -182,9 +210,18 @@ async def patch_config(name: str, data: BaseModel) -> ConfigView:
 
     The body is required: a JSON object, ``{}`` to change nothing.  No body,
     or one that is not JSON, is a 422 (400 if it claims to be JSON).
+    ``implicit_tls: true`` on a server without a certificate is a 409: the
+    value is fine, the server lacks what only its own configuration can give.
     """
     server = _server(name)
     changes = data.model_dump(exclude_unset=True)
+    if changes.get("implicit_tls") and server.tls_context is None:
+        # The certificate cannot be set over the API (NOT_SETTABLE), so no body could make this valid.
+        raise ApiError(
+            409,
+            "implicit_tls: the server has no TLS certificate (tls_cert and tls_key, or ssl_context)",
+            fields=[("implicit_tls", "needs tls_cert and tls_key, or ssl_context")],
+        )
     if changes:  # configure() with no arguments reads instead of writing
         server.configure(**changes)
     return ConfigView.of(server)
@@ -278,11 +315,14 @@ async def healthz() -> Health:
 @validate_response(Readiness, 200)
 @validate_response(Readiness, 503)
 async def readyz() -> tuple[Readiness, int]:
-    """200 if some server listens and every one that is up does; else 503 (naming those that do not)."""
+    """200 if some server listens, every one that is up does, and each reaches its lock service; else 503
+    (naming those that do not)."""
     servers = pop3d.servers()
     missing, listening = not_listening(servers), serving(servers)
-    ready = bool(listening) and not missing
-    return Readiness(ready=ready, serving=listening, not_listening=missing), 200 if ready else 503
+    unreachable = unreachable_lock_services(servers)
+    ready = bool(listening) and not missing and not unreachable
+    readiness = Readiness(ready=ready, serving=listening, not_listening=missing, lock_service_unreachable=unreachable)
+    return readiness, 200 if ready else 503
 
 
 # -- penalties ----------------------------------------------------------------

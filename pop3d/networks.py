@@ -38,7 +38,7 @@ def parse_networks(value: Any) -> Any:
                 items += [part.strip() for part in item.split(",") if part.strip()]
             else:
                 items.append(item)
-        if [str(item).lower() for item in items] == ["none"]:
+        if len(items) == 1 and isinstance(items[0], str) and items[0].lower() == "none":
             return ()
         # ipaddress says what is wrong ("10.0.0.1/8 has host bits set").
         return tuple(ipaddress.ip_network(item) if isinstance(item, str) else item for item in items)

@@ -261,8 +261,12 @@ async def test_patch_config(client: Client, server: pop3d.Server) -> None:
         ({"idle_timeout": 30, "host": "a..b"}, "host", "not a host name or address"),
         ({"idle_timeout": 30, "proxy_protocol_from": ["10.0.0.1/8"]}, "proxy_protocol_from", "host bits set"),
         ({"idle_timeout": 30, "cleartext_auth_from": ["10.0.0.1/8"]}, "cleartext_auth_from", "has host bits set"),
-        ({"idle_timeout": 30, "cleartext_auth_from": "nowhere"}, "cleartext_auth_from", "IPv4 or IPv6 network"),
-        ({"idle_timeout": 30, "implicit_tls": True}, "implicit_tls", "needs tls_cert and tls_key"),
+        ({"idle_timeout": 30, "cleartext_auth_from": ["nowhere"]}, "cleartext_auth_from", "not a network"),
+        ({"idle_timeout": 30, "cleartext_auth_from": "nowhere"}, "cleartext_auth_from", "list of networks"),
+        ({"idle_timeout": 30, "cleartext_auth_from": "10.0.0.0/8"}, "cleartext_auth_from", "list of networks"),
+        ({"idle_timeout": 30, "proxy_protocol_from": [None]}, "proxy_protocol_from", "None is not a network"),
+        ({"idle_timeout": 30, "proxy_protocol_from": ["10.0.0.0/8,::1"]}, "proxy_protocol_from", "not a network"),
+        ({"idle_timeout": 30, "proxy_protocol_from": [" ::1"]}, "proxy_protocol_from", "not a network"),
         ({"idle_timeout": 30, "tls_cert": "/etc/hostname"}, "tls_cert", "cannot be set over the admin API"),
         ({"idle_timeout": 30, "tls_key": "/etc/shadow"}, "tls_key", "cannot be set over the admin API"),
         ([1, 2], "body", "valid dictionary"),
@@ -275,6 +279,31 @@ async def test_patch_config_refused(client: Client, server: pop3d.Server, body: 
     assert message in fields_of(error)[field]
     assert field in error["detail"]
     assert server.configure() == before  # nothing half-applied
+
+
+async def test_patch_implicit_tls_without_a_certificate_is_a_conflict(client: Client, server: pop3d.Server) -> None:
+    # The value is fine; the server lacks a certificate, which only its own configuration can give.
+    before = server.configure()
+    response = await client.patch(f"/servers/{server.name}/config", json={"idle_timeout": 30, "implicit_tls": True})
+    error = await assert_error(response, 409, "conflict")
+    assert "needs tls_cert and tls_key" in fields_of(error)["implicit_tls"]
+    assert server.configure() == before
+
+
+async def test_patch_integers_may_be_written_as_whole_floats(client: Client, server: pop3d.Server) -> None:
+    # JSON Schema's "integer" takes 828.0, so the API does too.
+    response = await client.patch(f"/servers/{server.name}/config", json={"max_connections_per_ip": 828.0})
+    assert response.status_code == 200, await response.get_data(as_text=True)
+    assert server.cget("max_connections_per_ip") == 828 and isinstance(server.cget("max_connections_per_ip"), int)
+
+
+async def test_patch_body_not_utf8_is_a_bad_request(client: Client, server: pop3d.Server) -> None:
+    before = server.configure()
+    response = await client.patch(
+        f"/servers/{server.name}/config", data=b'{"hostname": "\xff"}', headers={"Content-Type": "application/json"}
+    )
+    await assert_error(response, 400, "bad_request")
+    assert server.configure() == before
 
 
 async def test_patch_cleartext_networks(client: Client, server: pop3d.Server) -> None:
@@ -594,7 +623,12 @@ async def test_healthz_and_readyz(client: Client, make_server: MakeServer) -> No
 async def test_not_ready_without_a_listening_server(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
     # Every server destroyed (or all taken down): nothing takes clients, so not ready.
     monkeypatch.setattr(pop3d, "servers", dict)
-    assert await get_json(client, "/readyz", 503) == {"ready": False, "serving": [], "not_listening": []}
+    assert await get_json(client, "/readyz", 503) == {
+        "ready": False,
+        "serving": [],
+        "not_listening": [],
+        "lock_service_unreachable": [],
+    }
     monkeypatch.setattr(pop3d, "servers", lambda: {"stopped": FakeServer("down", [])})
     assert (await get_json(client, "/readyz", 503))["ready"] is False
 
@@ -624,7 +658,12 @@ async def test_readyz_503(client: Client, monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(
         pop3d, "servers", lambda: {"broken": FakeServer("up", []), "ok": FakeServer("up", [("::1", 1)])}
     )
-    assert await get_json(client, "/readyz", 503) == {"ready": False, "serving": ["ok"], "not_listening": ["broken"]}
+    assert await get_json(client, "/readyz", 503) == {
+        "ready": False,
+        "serving": ["ok"],
+        "not_listening": ["broken"],
+        "lock_service_unreachable": [],
+    }
 
 
 async def test_openapi_and_docs(client: Client) -> None:
