@@ -20,6 +20,12 @@ Next to ``cur/`` and ``new/`` the storage keeps two files of its own:
     index is rewritten (temp file, fsync, rename) when it differs from the
     directory, and rebuilt when missing or damaged.
 
+Two more files are read, never written, when a login meets message files
+the index does not know, for their UIDLs: ``pop3d-uidl-pins``
+(:mod:`pop3d.uidl_pins`, written by ``pop3d uidl import``) and Dovecot's
+``dovecot-uidlist`` (:mod:`pop3d.dovecot_uidlist`); see
+:class:`MaildirStorage`.
+
 A mailbox whose Maildir does not exist is empty.  Nothing is created for it:
 a directory made by this server (often running as root) could have the
 wrong owner for the MTA that later delivers there.  Such a session holds
@@ -49,18 +55,19 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import trio
 
-from . import maildir_index
+from . import dovecot_uidlist, maildir_index, uidl_pins
 from .callbacks import MailboxUnavailable, MessageData
-from .maildir_index import INDEX_NAME, DirTimes, Listing, unique_name
+from .dovecot_uidlist import DEFAULT_FORMAT, UidlFormat
+from .maildir_index import INDEX_NAME, LOCK_NAME, DirTimes, Listing, unique_name
 from .protocol import valid_uid
 
-__all__ = ["CHUNK_SIZE", "INDEX_NAME", "LOCK_NAME", "READ_AHEAD", "MaildirStorage"]
+__all__ = ["CHUNK_SIZE", "INDEX_NAME", "LOCK_NAME", "READ_AHEAD", "MaildirStorage", "UidlEntry"]
 
 log = logging.getLogger("pop3d.maildir")
 
@@ -68,8 +75,6 @@ CHUNK_SIZE = 262144
 """Bytes per chunk that :meth:`MaildirStorage.get` yields."""
 READ_AHEAD = 262144
 """Bytes of the small messages after a RETR's one that are read with it, for the next RETRs."""
-LOCK_NAME = "pop3d.lock"
-"""The lock file in each Maildir."""
 
 _MEASURE_CHUNK = 1 << 20
 _SUBDIRS = ("new", "cur")
@@ -209,6 +214,7 @@ class _Dirs:
     path: str  # for messages only
     fd: int
     subdirs: dict[str, int]  # "new"/"cur" -> descriptor; a missing one is absent
+    dovecot_format: UidlFormat | None = None  # for the UIDLs of files new to the index
 
     def close(self) -> None:
         for fd in (*self.subdirs.values(), self.fd):
@@ -262,11 +268,30 @@ def _canonical(state: list[int]) -> int:
     return length + lf - crlf + (2 if length and last != 0x0A else 0)
 
 
+def _name_sizes(name: str) -> tuple[int | None, int | None]:
+    """The ``,S=<size>`` and ``,W=<size>`` of a Maildir file name (Dovecot's), where present."""
+    base = unique_name(name)
+    if "," not in base:
+        return None, None
+    sizes: dict[str, int] = {}
+    for part in base.split(",")[1:]:
+        key, eq, value = part.partition("=")
+        if eq and key in ("S", "W") and value.isascii() and value.isdigit() and len(value) < 19:
+            sizes.setdefault(key, int(value))
+    return sizes.get("S"), sizes.get("W")
+
+
 def _measure(dirs: _Dirs, subdir: str, name: str) -> tuple[int, int, int]:
     """Read a message file: ``(file size, mtime_ns, canonical size)``.
 
     The canonical size follows :func:`pop3d.message.canonical_size`, counted
-    read by read so that a big message does not sit in memory.  Raises
+    read by read so that a big message does not sit in memory.  A name
+    with Dovecot's ``,S=`` (the file's size) and ``,W=`` (its size with CRLF
+    line ends) saves the read: when ``S`` is the size the file really has,
+    the canonical size is ``W``, plus the CRLF that a message without a
+    final line end gets (one byte read to see).  A ``W`` that cannot be
+    right (below ``S`` or above twice ``S``) or an ``S`` that is not the
+    file's size means reading the file after all.  Raises
     :class:`OSError` if the file is not a regular file (any more).
     """
     fd = os.open(name, _OPEN_READ, dir_fd=dirs.subdirs[subdir])
@@ -275,6 +300,13 @@ def _measure(dirs: _Dirs, subdir: str, name: str) -> tuple[int, int, int]:
         if not stat.S_ISREG(st.st_mode):
             # Replaced by a directory or a FIFO since the listing.
             raise OSError(errno.EINVAL, "not a regular file")
+        named, virtual = _name_sizes(name)
+        if named is not None and virtual is not None and named == st.st_size and named <= virtual <= 2 * named:
+            if not named:
+                return 0, st.st_mtime_ns, 0
+            last = os.pread(fd, 1, named - 1)
+            if len(last) == 1:  # else it shrank meanwhile: read it
+                return named, st.st_mtime_ns, virtual + (0 if last == b"\n" else 2)
         state = [0, 0, 0, 0]
         # One read for a small file: a short read of a regular file is its end.
         want = min(st.st_size + 1, _MEASURE_CHUNK)
@@ -379,15 +411,107 @@ def _dir_times(dirs: _Dirs) -> DirTimes:
     return {subdir: os.fstat(fd).st_mtime_ns for subdir, fd in dirs.subdirs.items()}
 
 
+_Entry = tuple[int, str, str, str, int, int, int, str | None]
+"""(delivery seconds, unique name, subdir, name, file size, mtime, size, UIDL or None if new)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _UidlSources:
+    """Where UIDLs for files new to a listing come from, besides their names.
+
+    ``pins``: :mod:`pop3d.uidl_pins`; ``dovecot``: :func:`pop3d.dovecot_uidlist.read_uidls`;
+    both unique name -> UIDL.  ``reserved``: every UIDL of the two, which
+    pop3d's own UIDL for another message must never be.
+    """
+
+    pins: Mapping[str, str]
+    dovecot: Mapping[str, str]
+    reserved: frozenset[str]
+
+    @classmethod
+    def read(cls, dirs: _Dirs) -> _UidlSources:
+        """The pins and Dovecot's UIDLs of the open Maildir.
+
+        :class:`MailboxUnavailable` for damaged pins or either file that
+        cannot be read (no permission): serving without them would give
+        the messages UIDLs that stick.  A damaged ``dovecot-uidlist`` only
+        means no Dovecot UIDLs (logged).
+        """
+        try:
+            pins = uidl_pins.read(dirs.fd)
+        except uidl_pins.PinsError as exc:
+            # Serving without them would give the pinned messages UIDLs that stick: refuse instead.
+            raise MailboxUnavailable(f"{_shown(os.path.join(dirs.path, uidl_pins.PINS_NAME))}: {exc}") from None
+        except OSError as exc:
+            if exc.errno in _PASSING_ERRNOS:
+                raise
+            raise MailboxUnavailable(
+                f"{_shown(os.path.join(dirs.path, uidl_pins.PINS_NAME))}: {exc.strerror or exc}"
+            ) from None
+        fmt = dirs.dovecot_format
+        try:
+            dovecot = {} if fmt is None else dovecot_uidlist.read_uidls(dirs.fd, dirs.path, fmt)
+        except OSError as exc:
+            if exc.errno in _PASSING_ERRNOS:
+                raise
+            where = os.path.join(dirs.path, dovecot_uidlist.UIDLIST_NAME)
+            raise MailboxUnavailable(f"{_shown(where)}: {exc.strerror or exc}") from None
+        return cls(pins, dovecot, frozenset(pins.values()) | frozenset(dovecot.values()))
+
+
+def _own_uid(key: str, taken: set[str], reserved: frozenset[str]) -> str:
+    """pop3d's UIDL for index key ``key``, unlike any in ``taken`` and ``reserved``."""
+    uid = _uid_for(key)
+    if uid not in taken and uid not in reserved:
+        return uid
+    base = "sha1-" + hashlib.sha1(os.fsencode(key)).hexdigest()
+    uid, n = base, 1
+    while uid in taken or uid in reserved:
+        n += 1
+        uid = f"{base}-{n}"
+    return uid
+
+
+def _assign_uids(found: Iterable[_Entry], old_uids: Iterable[str], sources: _UidlSources | None, where: str) -> Listing:
+    """The listing of ``found``: known files keep their UIDL, new ones get one (pin, Dovecot, own)."""
+    taken = set(old_uids)
+    listing = Listing()
+    seen: set[str] = set()
+    for _, unique, subdir, name, file_size, mtime, size, uid in found:
+        # The same unique name twice (a copy, not a rename): the second is
+        # keyed by its path, so that UIDLs stay unique.
+        key = unique if unique not in seen else f"{subdir}/{name}"
+        seen.add(key)
+        if uid is None:
+            assert sources is not None  # a new file means the sources were read
+            wanted = sources.pins.get(key) or sources.dovecot.get(key)
+            if wanted is not None and wanted not in taken:
+                uid = wanted
+            else:
+                if wanted is not None:
+                    log.warning(
+                        "maildir %s: UIDL %s of %s belongs to another message already; pop3d gives it its own",
+                        _shown(where),
+                        wanted,
+                        key,
+                    )
+                uid = _own_uid(key, taken, sources.reserved)
+            taken.add(uid)
+        listing.append(subdir, name, file_size, mtime, size, uid)
+    return listing
+
+
 def _scan(dirs: _Dirs, old: Listing | None) -> tuple[Listing, dict[str, str]]:
     """List ``new/`` and ``cur/`` in delivery order, reading only files ``old`` does not know.
 
     A file is known if ``old`` has its unique name (flags may differ: a
     flag change is a rename).  Maildir files are never rewritten in place,
-    so a known file is not even stated, and known files keep their order:
-    a mailbox of 100,000 messages with one new delivery costs a directory
-    listing, one read and a merge.  Returns the listing and the message
-    files left out because they cannot be read (path -> why).
+    so a known file is not even stated, and known files keep their order
+    and their UIDL: a mailbox of 100,000 messages with one new delivery
+    costs a directory listing, one read and a merge.  Only when there are
+    new files are the pins and ``dovecot-uidlist`` read, for their UIDLs
+    (:class:`_UidlSources`).  Returns the listing and the message files
+    left out because they cannot be read (path -> why).
     """
     exact: dict[tuple[str, str], int] = {}
     renamed: dict[str, int] = {}  # unique name -> position, for unique names the old listing has once
@@ -404,7 +528,7 @@ def _scan(dirs: _Dirs, old: Listing | None) -> tuple[Listing, dict[str, str]]:
     seen_at: list[tuple[str, str] | None] = [None] * (
         len(old) if old is not None else 0
     )  # where each known file is now
-    fresh: list[tuple[int, str, str, str, int, int, int]] = []
+    fresh: list[_Entry] = []
     skipped: dict[str, str] = {}
     for subdir, entry in _message_files(dirs):
         name = entry.name
@@ -426,7 +550,7 @@ def _scan(dirs: _Dirs, old: Listing | None) -> tuple[Listing, dict[str, str]]:
             # error) must not make the whole mailbox fail: serve the rest.
             skipped[os.path.join(dirs.path, subdir, name)] = exc.strerror or str(exc)
             continue
-        fresh.append((_delivery_seconds(unique, mtime), unique, subdir, name, file_size, mtime, size))
+        fresh.append((_delivery_seconds(unique, mtime), unique, subdir, name, file_size, mtime, size, None))
     if (
         old is not None
         and not fresh
@@ -434,25 +558,20 @@ def _scan(dirs: _Dirs, old: Listing | None) -> tuple[Listing, dict[str, str]]:
     ):
         return old, skipped  # the same files (a change came and went)
     fresh.sort()  # (subdir, name) is unique, so the sort never looks past it
-    found: Iterable[tuple[int, str, str, str, int, int, int]] = fresh
+    found: Iterable[_Entry] = fresh
+    kept: list[_Entry] = []
     if old is not None:
         # The known files, in their old order, which is delivery order still (their unique names and
         # times have not changed); the sort only checks that, unless the index was edited by hand.
-        kept: list[tuple[int, str, str, str, int, int, int]] = []
         for i, where in enumerate(seen_at):
             if where is not None:
                 unique, mtime = unique_name(old.names[i]), old.mtimes[i]
-                kept.append((_delivery_seconds(unique, mtime), unique, *where, old.file_sizes[i], mtime, old.sizes[i]))
+                seconds = _delivery_seconds(unique, mtime)
+                kept.append((seconds, unique, *where, old.file_sizes[i], mtime, old.sizes[i], old.uid(i)))
         kept.sort()
         found = heapq.merge(kept, fresh)
-    listing = Listing()
-    seen: set[str] = set()
-    for _, unique, subdir, name, file_size, mtime, size in found:
-        # The same unique name twice (a copy, not a rename): give the second
-        # its own key so that UIDLs stay unique.
-        key = unique if unique not in seen else f"{subdir}/{name}"
-        seen.add(key)
-        listing.append(subdir, name, file_size, mtime, size, _uid_for(key))
+    sources = _UidlSources.read(dirs) if fresh else None
+    listing = _assign_uids(found, [entry[7] for entry in kept if entry[7] is not None], sources, dirs.path)
     return listing, skipped
 
 
@@ -477,7 +596,7 @@ def _read_listing(dirs: _Dirs) -> tuple[Listing, dict[str, str]]:
     return listing, skipped
 
 
-def _open_maildrop(path: str) -> _Maildrop | None:
+def _open_maildrop(path: str, dovecot_format: UidlFormat | None = None) -> _Maildrop | None:
     """Lock the Maildir at ``path`` and take its snapshot; ``None`` if locked elsewhere.
 
     The caller has put ``path`` in ``_held``; the drop's :meth:`~_Maildrop.unlock` takes it out.
@@ -485,6 +604,7 @@ def _open_maildrop(path: str) -> _Maildrop | None:
     dirs = _open_dirs(path)
     if dirs is None:
         return _Maildrop(path, None, None)  # no Maildir (or no root): an empty mailbox
+    dirs.dovecot_format = dovecot_format
     fd = -1
     try:
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -509,7 +629,7 @@ def _open_maildrop(path: str) -> _Maildrop | None:
     return _Maildrop(path, dirs, fd, listing, sum(listing.sizes), skipped)
 
 
-def _lock_maildrop(path: str) -> _Maildrop | None:
+def _lock_maildrop(path: str, dovecot_format: UidlFormat | None = None) -> _Maildrop | None:
     """In a worker thread: take the in-process lock on ``path``, then the maildrop; ``None`` if locked."""
     # Added here rather than by the caller: a call abandoned before its
     # thread started then leaves nothing to release.
@@ -518,7 +638,7 @@ def _lock_maildrop(path: str) -> _Maildrop | None:
             return None
         _held.add(path)
     try:
-        drop = _open_maildrop(path)
+        drop = _open_maildrop(path, dovecot_format)
     except BaseException:
         _release_held(path)
         raise
@@ -727,27 +847,48 @@ class MaildirStorage:
     mailbox's lock and its snapshot: the messages of ``new/`` and ``cur/``,
     numbered by delivery time (the leading seconds of the unique name, else
     the file's mtime; ties by name).  Every other call uses that snapshot
-    until :meth:`unlock`, and needs the lock.  UIDLs are the unique names
-    (the part before ``:``), or ``sha1-`` and their hash if those are not
-    valid UIDLs.  A mailbox name that could leave ``root`` (empty, starting
-    with ``.``, with ``/`` or NUL) raises :class:`ValueError`; a Maildir
-    that cannot be served (a regular file, a symlink...) raises
-    :class:`~pop3d.callbacks.MailboxUnavailable`.  A message file that
-    cannot be read is left out of the snapshot, with one warning while it
-    stays so.
+    until :meth:`unlock`, and needs the lock.  A mailbox name that could
+    leave ``root`` (empty, starting with ``.``, with ``/`` or NUL) raises
+    :class:`ValueError`; a Maildir that cannot be served (a regular file, a
+    symlink...) raises :class:`~pop3d.callbacks.MailboxUnavailable`.  A
+    message file that cannot be read is left out of the snapshot, with one
+    warning while it stays so.
 
-    Dovecot's ``,S=`` and ``,W=`` name fields are not used: ``W=`` does not
-    count the CRLF added to a message without a final line end, and the
-    index means each file is read once anyway.
+    UIDLs: a message keeps the UIDL that ``pop3d-index`` has for it (pop3d
+    served it already).  A message new to the index gets, in this order:
+
+    1. its pin from ``pop3d-uidl-pins`` (:mod:`pop3d.uidl_pins`, written by
+       ``pop3d uidl import``);
+    2. the UIDL Dovecot gave it, if the Maildir has a ``dovecot-uidlist``
+       and ``dovecot_uidl_format`` is not ``None`` (Dovecot's
+       ``pop3_uidl_format``; the UIDL Dovecot stored wins, see
+       :mod:`pop3d.dovecot_uidlist`);
+    3. pop3d's own: the unique name (the file name before ``:``), or
+       ``sha1-`` and its hash if that is not a valid UIDL or is one that the
+       pins or Dovecot give (to another message).
+
+    UIDLs stay unique within a mailbox.  Dovecot's files are only read.
+    A bad ``dovecot_uidl_format`` raises
+    :class:`~pop3d.dovecot_uidlist.FormatError` (a :class:`ValueError`) here.
+
+    Dovecot's ``,S=<size>`` and ``,W=<size>`` name fields save reading a new
+    file for its size when ``S`` is right (see ``_measure``); the sizes
+    stay exact.
     """
 
     def __init__(
-        self, root: str | os.PathLike[str], *, chunk_size: int = CHUNK_SIZE, read_ahead: int = READ_AHEAD
+        self,
+        root: str | os.PathLike[str],
+        *,
+        chunk_size: int = CHUNK_SIZE,
+        read_ahead: int = READ_AHEAD,
+        dovecot_uidl_format: str | None = DEFAULT_FORMAT,
     ) -> None:
         if chunk_size <= 0:
             raise ValueError("chunk_size must be positive")
         if read_ahead < 0:
             raise ValueError("read_ahead must not be negative")
+        self._dovecot_format = None if dovecot_uidl_format is None else UidlFormat(dovecot_uidl_format)
         self._root = os.path.abspath(os.fspath(root))
         self._chunk_size = chunk_size
         self._read_ahead = read_ahead
@@ -759,6 +900,11 @@ class MaildirStorage:
     def root(self) -> str:
         """The mail root, as an absolute path."""
         return self._root
+
+    @property
+    def dovecot_uidl_format(self) -> str | None:
+        """Dovecot's ``pop3_uidl_format`` for Maildirs with a ``dovecot-uidlist``; ``None``: ignored."""
+        return None if self._dovecot_format is None else self._dovecot_format.text
 
     def path(self, mbox: str) -> str:
         """The Maildir directory of ``mbox``; :class:`ValueError` for a bad name."""
@@ -801,7 +947,7 @@ class MaildirStorage:
         with _held_guard:
             if path in _held:
                 return False  # the common refusal, without a thread
-        drop = await _run_abandonable(_dispose_drop, _lock_maildrop, path)
+        drop = await _run_abandonable(_dispose_drop, _lock_maildrop, path, self._dovecot_format)
         if drop is None:
             return False
         self._drops[mbox] = drop
@@ -888,3 +1034,96 @@ class MaildirStorage:
         doomed = sorted({self._position(mbox, n) for n in msgs})
         if doomed:
             await trio.to_thread.run_sync(drop.run, _delete, drop, doomed, abandon_on_cancel=True)
+
+    async def uidl_report(self, mbox: str) -> list[UidlEntry]:
+        """Every message of ``mbox`` with its UIDL and where that comes from; no POP3 session needed.
+
+        With a session of this storage on ``mbox``, its snapshot.  Otherwise
+        the listing the next login would see, read without the lock and
+        without writing anything (the index is not updated; a session of
+        another process meanwhile may change the Maildir).  A Maildir that
+        does not exist is empty.  Raises as :meth:`lock` does for a Maildir
+        that cannot be served.
+        """
+        path = self.path(mbox)
+        drop = self._drops.get(mbox)
+        fmt = self._dovecot_format
+        if drop is not None:
+            listing = drop.listing
+            return await trio.to_thread.run_sync(_report, path, listing, fmt, abandon_on_cancel=True)
+        return await trio.to_thread.run_sync(_report_unlocked, path, fmt, abandon_on_cancel=True)
+
+
+@dataclass(frozen=True, slots=True)
+class UidlEntry:
+    """One message of :meth:`MaildirStorage.uidl_report`."""
+
+    number: int  #: its message number in a session (1-based)
+    uidl: str
+    #: ``"maildir"`` (the unique name), ``"dovecot"`` (``dovecot-uidlist``),
+    #: ``"imported"`` (``pop3d-uidl-pins``) or ``"hashed"`` (pop3d's, derived: see MaildirStorage)
+    source: str
+    file: str  #: ``cur/<name>`` or ``new/<name>``, relative to the Maildir
+    size: int  #: octets as POP3 sends it (CRLF line ends)
+
+
+def _sources_of(dirs_fd: int, path: str, fmt: UidlFormat | None) -> tuple[Mapping[str, str], Mapping[str, str]]:
+    try:
+        pins = uidl_pins.read(dirs_fd)
+    except (uidl_pins.PinsError, OSError) as exc:
+        log.warning("maildir %s: pins not shown: %s", _shown(path), exc)
+        pins = {}
+    try:
+        dovecot = {} if fmt is None else dovecot_uidlist.read_uidls(dirs_fd, path, fmt)
+    except OSError as exc:
+        log.warning("maildir %s: Dovecot UIDLs not shown: %s", _shown(path), exc)
+        dovecot = {}
+    return pins, dovecot
+
+
+def _entries(listing: Listing, pins: Mapping[str, str], dovecot: Mapping[str, str]) -> list[UidlEntry]:
+    entries = []
+    for i in range(len(listing)):
+        unique, uid = unique_name(listing.names[i]), listing.uid(i)
+        if pins.get(unique) == uid:
+            source = "imported"
+        elif dovecot.get(unique) == uid:
+            source = "dovecot"
+        elif uid == unique:
+            source = "maildir"
+        else:
+            source = "hashed"
+        entries.append(UidlEntry(i + 1, uid, source, f"{listing.subdir(i)}/{listing.names[i]}", listing.sizes[i]))
+    return entries
+
+
+def _report(path: str, listing: Listing, fmt: UidlFormat | None) -> list[UidlEntry]:
+    """In a worker thread: the entries of a session's snapshot."""
+    try:
+        fd = os.open(path, _OPEN_DIR)
+    except OSError:
+        return _entries(listing, {}, {})
+    try:
+        pins, dovecot = _sources_of(fd, path, fmt)
+    finally:
+        os.close(fd)
+    return _entries(listing, pins, dovecot)
+
+
+def _report_unlocked(path: str, fmt: UidlFormat | None) -> list[UidlEntry]:
+    """In a worker thread: the listing the next login would see, changing nothing."""
+    dirs = _open_dirs(path)
+    if dirs is None:
+        return []
+    dirs.dovecot_format = fmt
+    try:
+        index = maildir_index.load(dirs.fd, dirs.path)
+        times = _dir_times(dirs)
+        if index is not None and times.keys() == {"new", "cur"} and index[1] == times:
+            listing = index[0]
+        else:
+            listing, _ = _scan(dirs, None if index is None else index[0])
+        pins, dovecot = _sources_of(dirs.fd, path, fmt)
+    finally:
+        dirs.close()
+    return _entries(listing, pins, dovecot)

@@ -33,10 +33,12 @@ from typing import overload
 __all__ = [
     "FORMAT",
     "INDEX_NAME",
+    "LOCK_NAME",
     "MAX_INDEX_SIZE",
     "TRUST_AFTER_NS",
     "DirTimes",
     "Listing",
+    "forget",
     "load",
     "trusted_times",
     "unique_name",
@@ -47,6 +49,8 @@ log = logging.getLogger("pop3d.maildir")
 
 INDEX_NAME = "pop3d-index"
 """The index file in each Maildir."""
+LOCK_NAME = "pop3d.lock"
+"""The lock file in each Maildir (``flock``; see :mod:`pop3d.maildir`)."""
 FORMAT = 2
 # About 150 bytes a message: room for millions of messages, not for a hostile file.
 MAX_INDEX_SIZE = 512 * 1024 * 1024
@@ -303,3 +307,23 @@ def write(dir_fd: int, where: str, listing: Listing, times: DirTimes) -> None:
         log.warning("maildir %s: cannot write index: %s", where, exc)
         with contextlib.suppress(OSError):
             os.unlink(tmp, dir_fd=dir_fd)
+
+
+def forget(dir_fd: int, where: str, uniques: set[str]) -> bool:
+    """Drop the messages with these unique names from the index, so that the next login looks at them afresh.
+
+    The directory times go too: the next login lists the directories, and
+    the files dropped are new to it, so their UIDLs are formed again (the
+    others keep theirs).  The caller holds the lock.  Returns whether the
+    index changed; a missing or damaged index needs nothing (the next
+    login rebuilds it).
+    """
+    index = load(dir_fd, where)
+    if index is None:
+        return False
+    listing, _ = index
+    doomed = {i for i, name in enumerate(listing.names) if unique_name(name) in uniques}
+    if not doomed:
+        return False
+    write(dir_fd, where, listing.without(doomed), {})
+    return True

@@ -26,6 +26,7 @@ import pytest
 import trio
 
 import pop3d
+from pop3d import dovecot_uidlist, uidl_pins
 from pop3d import maildir as maildir_module
 from pop3d.callbacks import MailboxUnavailable, Storage, iterate_message
 from pop3d.maildir import INDEX_NAME, LOCK_NAME, MaildirStorage
@@ -877,3 +878,150 @@ async def test_symlinked_maildir_parts_are_refused(tmp_path: Path, link: str) ->
     assert not storage.is_locked("alice")
     assert (outside / "secret").exists()
     assert sorted(p.name for p in outside.iterdir()) == ["secret"]  # no lock or index file made there
+
+
+# -- Dovecot's ,S= and ,W= names, and where UIDLs of new files come from ----
+
+
+def dovecot_vsize(data: bytes) -> int:
+    """Dovecot's ,W= value: the size with every LF counted as CRLF (no CRLF added at the end)."""
+    return len(data) + data.count(b"\n") - data.count(b"\r\n")
+
+
+@pytest.fixture
+def counted_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The length of each chunk read to count a canonical size."""
+    calls: list[int] = []
+    real = maildir_module._count
+
+    def counting(data: bytes, state: list[int]) -> None:
+        calls.append(len(data))
+        real(data, state)
+
+    monkeypatch.setattr(maildir_module, "_count", counting)
+    return calls
+
+
+@pytest.mark.parametrize("sample", sorted(SAMPLES))
+async def test_sizes_from_s_and_w_names_are_exact(tmp_path: Path, sample: str, counted_reads: list[int]) -> None:
+    data = SAMPLES[sample]
+    box = make_maildir(tmp_path)
+    deliver(box, data, f"{unique_name(1)},S={len(data)},W={dovecot_vsize(data)}:2,S", subdir="cur")
+    storage = MaildirStorage(tmp_path)
+    with trio.fail_after(10):
+        assert await storage.lock("alice")
+        try:
+            listed = await storage.size("alice", 1)
+            sent = unstuffed_reply(await read_all(storage, "alice", 1))
+        finally:
+            await storage.unlock("alice")
+    assert counted_reads == []  # sized from the name (and one byte), not read
+    assert listed == canonical_size(data) == len(sent)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    ["S={wrong},W={w}", "S={s},W={small}", "S={s},W={big}", "W={w}", "S={s}", "S={s},W=x", "S=,W={w}"],
+)
+async def test_s_and_w_that_cannot_be_trusted_are_ignored(
+    tmp_path: Path, fields: str, counted_reads: list[int]
+) -> None:
+    data = SAMPLES["no-final-newline"]
+    values = {"s": len(data), "wrong": len(data) + 1, "w": dovecot_vsize(data), "small": len(data) - 1}
+    values["big"] = 2 * len(data) + 1
+    box = make_maildir(tmp_path)
+    deliver(box, data, f"{unique_name(1)},{fields.format(**values)}")
+    with trio.fail_after(10):
+        sizes, _ = await session(MaildirStorage(tmp_path))
+    assert sizes == [canonical_size(data)]
+    assert counted_reads  # read, as without the fields
+
+
+async def test_empty_file_with_s_and_w(tmp_path: Path) -> None:
+    box = make_maildir(tmp_path)
+    deliver(box, b"", f"{unique_name(1)},S=0,W=0")
+    with trio.fail_after(10):
+        assert (await session(MaildirStorage(tmp_path)))[0] == [0]
+
+
+async def test_pins_and_dovecot_read_only_for_new_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    box = make_maildir(tmp_path)
+    deliver(box, b"x\n", unique_name(1))
+    (box / "dovecot-uidlist").write_text(f"3 V7 N9\n3 :{unique_name(1)}\n")
+    reads: list[str] = []
+    real_pins, real_dovecot = uidl_pins.read, dovecot_uidlist.read_uidls
+
+    def pins_read(fd: int) -> dict[str, str]:
+        reads.append("pins")
+        return real_pins(fd)
+
+    def dovecot_read(*args: Any) -> dict[str, str]:
+        reads.append("dovecot")
+        return real_dovecot(*args)
+
+    monkeypatch.setattr(uidl_pins, "read", pins_read)
+    monkeypatch.setattr(dovecot_uidlist, "read_uidls", dovecot_read)
+    storage = MaildirStorage(tmp_path)
+    old = time.time() - 10
+    with trio.fail_after(10):
+        assert (await session(storage))[1] == ["0000000300000007"]
+        assert reads == ["pins", "dovecot"]
+        for sub in ("new", "cur"):
+            os.utime(box / sub, (old, old))  # old enough for the index to trust the times
+        await session(storage)  # writes the trusted times
+        reads.clear()
+        (box / "new" / unique_name(1)).rename(box / "cur" / f"{unique_name(1)}:2,S")  # no new file
+        assert (await session(storage))[1] == ["0000000300000007"]
+        for sub in ("new", "cur"):
+            os.utime(box / sub, (old, old))
+        await session(storage)
+        await session(storage)  # the index fast path
+        assert reads == []
+        deliver(box, b"y\n", unique_name(2))
+        assert (await session(storage))[1] == ["0000000300000007", unique_name(2)]
+        assert reads == ["pins", "dovecot"]
+    # Without a format, dovecot-uidlist is ignored.
+    (box / INDEX_NAME).unlink()
+    with trio.fail_after(10):
+        assert (await session(MaildirStorage(tmp_path, dovecot_uidl_format=None)))[1] == [
+            unique_name(1),
+            unique_name(2),
+        ]
+
+
+def test_bad_dovecot_format_is_an_error_at_construction(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="pop3_uidl_format"):
+        MaildirStorage(tmp_path, dovecot_uidl_format="%q")
+    assert MaildirStorage(tmp_path).dovecot_uidl_format == "%08Xu%08Xv"
+    assert MaildirStorage(tmp_path, dovecot_uidl_format=None).dovecot_uidl_format is None
+
+
+async def test_existing_index_keeps_its_uidls_when_a_uidlist_appears(tmp_path: Path) -> None:
+    box = make_maildir(tmp_path)
+    deliver(box, b"x\n", unique_name(1))
+    storage = MaildirStorage(tmp_path)
+    with trio.fail_after(10):
+        assert (await session(storage))[1] == [unique_name(1)]
+        (box / "dovecot-uidlist").write_text(f"3 V7 N9\n3 :{unique_name(1)}\n4 :{unique_name(2)}\n")
+        deliver(box, b"y\n", unique_name(2))
+        assert (await session(storage))[1] == [unique_name(1), "0000000400000007"]
+        report = await storage.uidl_report("alice")
+        missing = await storage.uidl_report("nobody-here")
+    assert [e.source for e in report] == ["maildir", "dovecot"]
+    assert missing == []
+
+
+async def test_uidl_report_during_a_session_and_unlocked(tmp_path: Path) -> None:
+    box = make_maildir(tmp_path)
+    deliver(box, b"x\n", unique_name(1))
+    storage = MaildirStorage(tmp_path)
+    with trio.fail_after(10):
+        unlocked = await storage.uidl_report("alice")  # no index yet: a scan that writes nothing
+        assert not (box / INDEX_NAME).exists()
+        assert await storage.lock("alice")
+        try:
+            deliver(box, b"y\n", unique_name(2))
+            during = await storage.uidl_report("alice")  # the session's snapshot
+        finally:
+            await storage.unlock("alice")
+    assert [e.uidl for e in unlocked] == [e.uidl for e in during] == [unique_name(1)]
