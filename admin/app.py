@@ -14,7 +14,7 @@ from quart_trio import QuartTrio
 
 import pop3d
 
-from . import docs, events, ui
+from . import cluster, docs, events, ui
 from .access import BearerToken, CorsOrigins, install_access, install_cors
 from .errors import install_error_handlers
 from .metrics import new_registry
@@ -64,5 +64,6 @@ def create_app(*, token: str | None = None, cors_origins: Iterable[str] = ()) ->
     app.register_blueprint(blueprint)
     app.register_blueprint(docs.blueprint)
     app.register_blueprint(events.blueprint)
+    app.register_blueprint(cluster.blueprint)
     app.register_blueprint(ui.blueprint)
     return app

@@ -35,6 +35,15 @@ __all__ = [
 ]
 
 
+class TemporarilyUnavailable(Exception):
+    """A service a callback needs is down for now (a database, a lock service).
+
+    Raised by an auth or storage callback; the client gets ``-ERR
+    [SYS/TEMP]`` and the log one line with the message (no traceback: the
+    outage is the news, not the stack).
+    """
+
+
 class MailboxUnavailable(Exception):
     """A storage fault that trying again will not mend (a Maildir that is a file, say).
 

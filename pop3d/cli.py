@@ -1,4 +1,4 @@
-"""The ``pop3d`` command: ``serve``, ``check-config``, and ``user add|passwd|remove|list``.
+"""The ``pop3d`` command: ``serve``, ``check-config``, ``user add|passwd|remove|list`` and ``uidl import|show``.
 
 Errors are one line on stderr (``pop3d: error: ...``) and exit status 2.
 Passwords are read from a prompt, or from stdin when it is not a terminal;
@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     _serve_flags(check)
     check.add_argument("--all", action="store_true", help="print every setting, defaults too")
     _user_parser(commands)
+    from .uidl_cli import add_uidl_parser
+
+    add_uidl_parser(commands)
     return parser
 
 
@@ -84,6 +87,16 @@ def _serve_flags(serve: argparse.ArgumentParser) -> None:
     )
     serve.add_argument("--users", type=Path, metavar="FILE", help="Dovecot-style passwd-file")
     serve.add_argument("--mail-root", type=Path, metavar="DIR", help="directory with one Maildir per user")
+    serve.add_argument(
+        "--dovecot-uidl-format",
+        metavar="FORMAT",
+        help="Dovecot's pop3_uidl_format, for Maildirs Dovecot served (default %%08Xu%%08Xv; none: ignore them)",
+    )
+    serve.add_argument(
+        "--passdb-sql", metavar="DSN", help="users from PostgreSQL: a libpq connection string or postgresql:// URL"
+    )
+    serve.add_argument("--passdb-sql-password-file", type=Path, metavar="FILE", help="file with the database password")
+    serve.add_argument("--passdb-sql-query", metavar="SQL", help="the passdb query, with %%(user)s for the user name")
     serve.add_argument("--hostname", metavar="NAME", help="host name in the greeting")
     serve.add_argument("--idle-timeout", type=float, metavar="SECONDS", help="idle session timeout (default 600)")
     serve.add_argument("--apop", action="store_true", default=None, help="offer APOP (only {PLAIN} users can use it)")
@@ -119,6 +132,12 @@ def _serve_flags(serve: argparse.ArgumentParser) -> None:
     limits.add_argument("--user", metavar="NAME", help="run as this user once the ports are bound")
     limits.add_argument("--group", metavar="NAME", help="run with this group (default: the user's)")
     limits.add_argument("--allow-root", action="store_true", default=None, help="serve mail as root")
+    cluster = serve.add_argument_group("cluster (docs/cluster.md)")
+    cluster.add_argument("--lock", choices=["local", "etcd"], help="mailbox locks: local flock (default), or etcd")
+    cluster.add_argument("--etcd", metavar="URL[,URL...]", help="etcd endpoints for --lock etcd (http://HOST:PORT)")
+    cluster.add_argument("--lock-ttl", type=float, metavar="SECONDS", help="lease of a lock in etcd (default 5)")
+    cluster.add_argument("--lock-prefix", metavar="PREFIX", help="key prefix of the locks (default /pop3d/locks)")
+    cluster.add_argument("--instance-name", metavar="NAME", help="this instance's name in locks (default: host name)")
 
 
 def _user_parser(commands: Any) -> None:
@@ -261,6 +280,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             _serve(args)
+        elif args.command == "uidl":
+            from .uidl_cli import run as run_uidl
+
+            return run_uidl(args)
         elif args.command == "check-config":
             _check_config(args)
         else:

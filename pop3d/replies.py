@@ -90,6 +90,8 @@ PROXY_MALFORMED = "bad PROXY protocol header: {problem}"
 SYS_TEMP = "[SYS/TEMP] mailbox temporarily unavailable, try again later"
 SYS_TEMP_UPDATE = "[SYS/TEMP] some deleted messages were not removed"
 SYS_PERM = "[SYS/PERM] mailbox unavailable"
+# The cluster's lock on the mailbox was lost (its lease could not be renewed, or another took it).
+LOCK_LOST = "[SYS/TEMP] lost the lock on the mailbox, no messages were deleted; try again later"
 
 # How each command is used, for BAD_ARGUMENTS.
 USAGE = {

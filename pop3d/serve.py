@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -50,6 +50,10 @@ from .privileges import Identity, drop, plan
 from .server import Server
 from .settings import ServeSettings, SettingsError, format_value
 from .tls import TLSError, server_context
+
+if TYPE_CHECKING:
+    from .etcd_locks import EtcdLocks
+    from .sql_passdb import SqlPassdb
 
 __all__ = ["Running", "check", "demo_data_dir", "serve"]
 
@@ -130,6 +134,9 @@ def check(settings: ServeSettings) -> None:
     _check_startup(settings)
     if settings.users is not None:
         PasswdFile(settings.users)
+    if settings.passdb_sql is not None:
+        with _sql_passdb(settings) as passdb:
+            passdb.check()
     _check_server_options(settings)
     if settings.tls_cert is not None and settings.tls_key is not None:
         try:
@@ -156,7 +163,7 @@ def _check_startup(settings: ServeSettings) -> tuple[str | None, str | None, Ide
         settings.user,
         settings.group,
         allow_root=settings.allow_root,
-        serves_mail=settings.users is not None or settings.mail_root is not None,
+        serves_mail=settings.users is not None or settings.mail_root is not None or settings.passdb_sql is not None,
     )
     return token, admin_bind, identity
 
@@ -199,13 +206,24 @@ async def serve(
     ]
     if identity is not None:
         drop(identity)
-    if users is None or mail_root is None:
+    passdb = None
+    if settings.passdb_sql is not None:
+        passdb = _sql_passdb(settings)
+        # A one-line error now if the database cannot be reached, rather than SYS/TEMP at every login.
+        await trio.to_thread.run_sync(passdb.check, abandon_on_cancel=True)
+    elif users is None or mail_root is None:
         demo = demo_data_dir()
         users = users or demo / "users"
         mail_root = mail_root or demo / "mail"
         log.info("serving the demo data in %s (user demo, password demo)", demo)
-    auth = PasswdFile(users)
-    storage = MaildirStorage(mail_root)
+    assert mail_root is not None  # passdb-sql requires mail-root (settings)
+    auth: PasswdFile | SqlPassdb
+    if passdb is not None:
+        auth = passdb
+    else:
+        assert users is not None
+        auth = PasswdFile(users)
+    storage = MaildirStorage(mail_root, dovecot_uidl_format=settings.dovecot_uidl_format)
     # One box for every listener: moving from POP3 to POP3S gains a guesser nothing.
     penalties = PenaltyBox(max_delay=settings.penalty_max)
     common: dict[str, object] = {
@@ -229,6 +247,11 @@ async def serve(
         async with trio.open_nursery() as nursery:
             if handle_signals:
                 nursery.start_soon(_watch_signals, shutdown.set, force.set, live.reload)
+            locks = _mailbox_locks(settings)
+            if locks is not None:
+                await nursery.start(locks.run)  # a one-line error if the lock service cannot be reached
+                for srv in servers:
+                    srv.mailbox_locks = locks
             for srv, listeners in zip(servers, bound, strict=True):
                 await nursery.start(srv.run)
                 await srv.up(listeners=listeners)
@@ -257,6 +280,8 @@ async def serve(
             for listeners in bound:  # those no server took up (a start that failed)
                 for listener in listeners:
                     await trio.aclose_forcefully(listener)
+            if passdb is not None:
+                await trio.to_thread.run_sync(passdb.close)
     log.info("stopped")
 
 
@@ -305,6 +330,39 @@ def _options_of(settings: ServeSettings) -> dict[str, object]:
     }
 
 
+def _sql_passdb(settings: ServeSettings) -> SqlPassdb:
+    """The PostgreSQL users of ``settings.passdb_sql`` (not connected yet)."""
+    from .sql_passdb import DEFAULT_QUERY, SqlPassdb  # psycopg only where users are in PostgreSQL
+
+    assert settings.passdb_sql is not None
+    password = None
+    if settings.passdb_sql_password_file is not None:
+        path = settings.passdb_sql_password_file
+        try:
+            password = path.read_text(encoding="utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            raise SettingsError(f"passdb-sql-password-file: {path} is not UTF-8 text") from None
+        if not password:
+            raise SettingsError(f"passdb-sql-password-file: {path} is empty")
+    return SqlPassdb(
+        settings.passdb_sql.get_secret_value(), query=settings.passdb_sql_query or DEFAULT_QUERY, password=password
+    )
+
+
+def _mailbox_locks(settings: ServeSettings) -> EtcdLocks | None:
+    """The cluster's lock service (``lock = etcd``), or None: each storage's own lock (``local``)."""
+    if settings.lock != "etcd":
+        return None
+    from .etcd_locks import EtcdLocks
+
+    return EtcdLocks(
+        settings.etcd,
+        ttl=settings.lock_ttl,
+        prefix=settings.lock_prefix,
+        instance=settings.instance_name or socket.gethostname(),
+    )
+
+
 def _setting_error(exc: OptionError) -> SettingsError:
     return SettingsError("; ".join(f"{name.replace('_', '-')}: {message}" for name, message in exc.errors))
 
@@ -328,7 +386,7 @@ def _warn_if_no_login_possible(settings: ServeSettings) -> None:
     if not networks:
         log.warning("no TLS certificate: on %s, no client can log in (give tls-cert and tls-key)", where)
     elif any(network.prefixlen == 0 for network in networks):
-        if settings.users is None:  # the demo: its password and its mail are public anyway
+        if settings.users is None and settings.passdb_sql is None:  # the demo: its password and mail are public
             log.info("serving the demo without TLS on %s: its password is public, so it may go in clear", where)
         else:
             log.warning(

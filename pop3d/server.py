@@ -32,6 +32,7 @@ from .changes import notify
 from .connections import ConnectionTable, Verdict
 from .errors import NameTaken, OptionError, StateError, UnknownConnection
 from .login_slots import LoginSlots
+from .mailbox_locks import MailboxLocks
 from .networks import address_in
 from .options import ServerOptions, validate_options
 from .session import Session, SessionSettings
@@ -119,6 +120,10 @@ class Server:
         self._ran = False
         #: What the server's sessions have done so far.
         self.stats = ServerStats()
+        #: A lock service shared by the instances of a cluster (:mod:`pop3d.mailbox_locks`), taken by
+        #: each session before the storage's own lock; None (the default): the storage's lock only.
+        #: Not an option: it is a live object with a task of its own, set by whoever runs it.
+        self.mailbox_locks: MailboxLocks | None = None
 
     def __repr__(self) -> str:
         return f"<pop3d.Server {self.name} {self._state}>"
@@ -378,7 +383,12 @@ class Server:
     def _settings(self) -> SessionSettings:
         # One for all the sessions started under the same options: each idle session would otherwise hold a copy.
         cached = self._settings_cache
-        if cached is not None and cached[0] is self._options and cached[1] is self._tls_context:
+        if (
+            cached is not None
+            and cached[0] is self._options
+            and cached[1] is self._tls_context
+            and cached[2].mailbox_locks is self.mailbox_locks
+        ):
             return cached[2]
         options = self._options
         settings = SessionSettings(
@@ -402,6 +412,7 @@ class Server:
             sessions_of=self._table.sessions_of,
             on_login=self._table.logged_in,
             login_slots=self._login_slots,
+            mailbox_locks=self.mailbox_locks,
         )
         self._settings_cache = (options, self._tls_context, settings)
         return settings

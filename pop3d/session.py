@@ -30,12 +30,14 @@ from .callbacks import (
     MailboxUnavailable,
     MessageData,
     Storage,
+    TemporarilyUnavailable,
     iterate_message,
     read_listing,
 )
 from .changes import notify
 from .credentials import Credentials
 from .login_slots import LoginSlots
+from .mailbox_locks import Holder, LockServiceUnavailable, MailboxLock, MailboxLocks
 from .networks import Network, address_in
 from .penalties import PenaltyBox
 from .protocol import (
@@ -104,6 +106,8 @@ class SessionSettings:
     on_login: Callable[[str], None] | None = None
     #: Login attempts in progress per address (shared by the server's sessions).
     login_slots: LoginSlots = field(default_factory=lambda: LoginSlots(0))
+    #: A cluster-wide lock service, taken before the storage's lock (None: the storage's lock only).
+    mailbox_locks: MailboxLocks | None = None
 
     def __post_init__(self) -> None:
         if self.implicit_tls and self.tls_context is None:
@@ -145,6 +149,7 @@ class Session:
         "_first_data",
         "_kicked",
         "_last_activity",
+        "_lock",
         "_login_deadline",
         "_started",
         "_stats",
@@ -201,6 +206,7 @@ class Session:
         self.commands = 0
         self._close_reason: str | None = None
         self._kicked = False  # close() was called
+        self._lock: MailboxLock | None = None  # the lock service's lock, while held (not the storage's)
         self._timeout_reply = replies.IDLE_TIMEOUT  # what a passed deadline in _receive means
         self._uids: Sequence[str] | None = None  # every message's UIDL, when the storage lists them at login
         # TLS is due (POP3S, or STLS accepted) and not done: a plain "-ERR" (a
@@ -514,6 +520,11 @@ class Session:
             log.error("session %s from %s: %s failed: %s", self.conn_id, self.address or "-", type(event).__name__, exc)
             self._stats.errors += 1
             self.protocol.command_failed(event, permanent=True)
+        except TemporarilyUnavailable as exc:
+            name = type(event).__name__
+            log.warning("session %s from %s: %s failed: %s", self.conn_id, self.address or "-", name, exc)
+            self._stats.errors += 1
+            self.protocol.command_failed(event)
         except Exception:
             log.exception("session %s from %s: %s failed", self.conn_id, self.address or "-", type(event).__name__)
             self._stats.errors += 1
@@ -572,7 +583,17 @@ class Session:
         if storage is None:
             sizes: Sequence[int] = ()  # no storage: every mailbox is empty
         else:
-            if not await storage.lock(mailbox):
+            # The cluster's lock first, then the storage's; released in the other order.
+            if settings.mailbox_locks is not None and not await self._lock_in_cluster(event, mailbox):
+                return
+            locked = False
+            try:
+                locked = await storage.lock(mailbox)
+            finally:
+                if not locked and self._lock is not None:
+                    with trio.CancelScope(shield=True):
+                        await self._release_cluster_lock(mailbox)
+            if not locked:
                 self._refuse_login(event, LoginFailure.IN_USE)
                 return
             self.mailbox, self.storage = mailbox, storage
@@ -596,6 +617,28 @@ class Session:
         proto.login_succeeded(sizes)
         if settings.on_login is not None:
             settings.on_login(self.conn_id)
+
+    async def _lock_in_cluster(self, event: Authenticate, mailbox: str) -> bool:
+        """Take the lock service's lock on ``mailbox``; if it cannot be had, the login is refused."""
+        locks = self.settings.mailbox_locks
+        assert locks is not None
+        holder = Holder(server=self.settings.server, connection=self.conn_id, client=self.address)
+        try:
+            self._lock = await locks.acquire(mailbox, holder, self._lock_lost)
+        except LockServiceUnavailable as exc:
+            log.warning("session %s from %s: cannot lock %s: %s", self.conn_id, self.address or "-", mailbox, exc)
+            self._refuse_login(event, LoginFailure.SYS_TEMP)
+            return False
+        if self._lock is None:
+            self._refuse_login(event, LoginFailure.IN_USE)
+            return False
+        return True
+
+    def _lock_lost(self) -> None:
+        # Called by the lock service's task: end now, before the lock can pass to another session.
+        if not self._done:
+            log.warning("session %s from %s: %s", self.conn_id, self.address or "-", replies.LOCK_LOST)
+            self.close(replies.LOCK_LOST)
 
     def _penalty(self, user: str) -> float:
         penalties = self.settings.penalties
@@ -700,6 +743,11 @@ class Session:
 
     async def _update(self, event: Update) -> None:
         if event.deleted and self.storage is not None and self.mailbox is not None:
+            # The fencing check, right before the deletions: is the lock still this session's?
+            if self._lock is not None and not await self._lock.confirm():
+                log.warning("session %s from %s: %s", self.conn_id, self.address or "-", replies.LOCK_LOST)
+                self.protocol.close(replies.LOCK_LOST)
+                return
             await self.storage.dele(self.mailbox, list(event.deleted))
             self.deleted_count = len(event.deleted)
             self._stats.messages_deleted += len(event.deleted)
@@ -710,13 +758,25 @@ class Session:
     async def _release_lock(self) -> None:
         storage, mailbox = self.storage, self.mailbox
         self.storage = None
-        if storage is None or mailbox is None:
+        if storage is not None and mailbox is not None:
+            with trio.move_on_after(UNLOCK_TIMEOUT):
+                try:
+                    await storage.unlock(mailbox)
+                except Exception:
+                    log.exception("session %s: unlock of %s failed", self.conn_id, mailbox)
+        if self._lock is not None:
+            await self._release_cluster_lock(mailbox)
+
+    async def _release_cluster_lock(self, mailbox: str | None) -> None:
+        # After the storage's unlock: no other session may get the mailbox while this one has it open.
+        lock, self._lock = self._lock, None
+        if lock is None:
             return
         with trio.move_on_after(UNLOCK_TIMEOUT):
             try:
-                await storage.unlock(mailbox)
+                await lock.release()
             except Exception:
-                log.exception("session %s: unlock of %s failed", self.conn_id, mailbox)
+                log.exception("session %s: releasing the cluster lock of %s failed", self.conn_id, mailbox)
 
     def _count_command(self, keyword: str) -> None:
         self._stats.commands[keyword] += 1

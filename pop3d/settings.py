@@ -27,6 +27,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from .dovecot_uidlist import DEFAULT_FORMAT as DEFAULT_UIDL_FORMAT
+from .dovecot_uidlist import UidlFormat
 from .errors import Pop3dError
 from .networks import LOOPBACK
 from .options import HOSTNAME_PATTERN, MAX_HOSTNAME, Networks, ServerOptions
@@ -141,6 +143,21 @@ class ServeSettings(BaseSettings):
     )
     users: Path | None = Field(None, description="Dovecot-style passwd-file; default: the demo data.")
     mail_root: Path | None = Field(None, description="Directory of Maildirs, one per user; default: the demo data.")
+    passdb_sql: SecretStr | None = Field(
+        None,
+        description="Users from PostgreSQL instead of a passwd-file: a libpq connection string or postgresql:// URL.",
+    )
+    passdb_sql_password_file: Path | None = Field(
+        None, description="File holding the PostgreSQL password of passdb-sql (instead of one in it)."
+    )
+    passdb_sql_query: str | None = Field(
+        None,
+        description="passdb-sql's query, with %(user)s for the user name; returns the columns password and mailbox.",
+    )
+    dovecot_uidl_format: str | None = Field(
+        DEFAULT_UIDL_FORMAT,
+        description="Dovecot's pop3_uidl_format, for Maildirs Dovecot served (their dovecot-uidlist); none: ignore it.",
+    )
     hostname: str | None = Field(
         None,
         min_length=1,
@@ -185,6 +202,53 @@ class ServeSettings(BaseSettings):
     log_format: Literal["text", "json"] = Field(
         "text", description="Log lines as text, or one JSON object per line (for log collectors)."
     )
+    # Mailbox locks across a cluster (docs/cluster.md).
+    lock: Literal["local", "etcd"] = Field(
+        "local", description="Mailbox locks: local (this host's flock) or etcd (across a cluster of instances)."
+    )
+    etcd: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="etcd endpoints for lock = etcd (http://HOST:PORT, comma-separated)."
+    )
+    lock_ttl: float = Field(
+        5.0,
+        ge=2,
+        le=300,
+        allow_inf_nan=False,
+        description="Seconds a lock outlives its instance (the etcd lease); sessions end before it can pass.",
+    )
+    lock_prefix: str = Field("/pop3d/locks", description="Key prefix of the mailbox locks in etcd.")
+    instance_name: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_HOSTNAME,
+        pattern=HOSTNAME_PATTERN,
+        description="This instance's name in lock values and /cluster/locks; default: the machine's host name.",
+    )
+
+    @field_validator("etcd", mode="before")
+    @classmethod
+    def _etcd_endpoints(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list | tuple):
+            from .etcd import parse_endpoint
+
+            for url in value:
+                parse_endpoint(str(url))  # ValueError: "'...': an etcd endpoint is http://HOST:PORT"
+        return value
+
+    @field_validator("lock_prefix")
+    @classmethod
+    def _key_prefix(cls, value: str) -> str:
+        if not value.startswith("/") or value.endswith("/") or not value.isprintable() or " " in value:
+            raise ValueError(f"{value!r}: a key prefix starts with / and has no trailing /, nor spaces")
+        return value
+
+    @model_validator(mode="after")
+    def _lock_complete(self) -> ServeSettings:
+        if self.lock == "etcd" and not self.etcd:
+            raise ValueError("lock: etcd needs etcd (http://HOST:PORT, comma-separated)")
+        return self
 
     _listen_parse = field_validator("listen", "listen_tls", mode="before")(lambda cls, v: _addresses(v))
     _admin_parse = field_validator("admin", mode="before")(lambda cls, v: _address(v))
@@ -193,11 +257,20 @@ class ServeSettings(BaseSettings):
         lambda cls, v: v.lower() if isinstance(v, str) else v
     )
 
-    @field_validator("users", "admin_token_file", "tls_cert", "tls_key")
+    @field_validator("users", "admin_token_file", "tls_cert", "tls_key", "passdb_sql_password_file")
     @classmethod
     def _file_exists(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_file():
             raise ValueError(f"no such file: {value}")
+        return value
+
+    @field_validator("dovecot_uidl_format", mode="before")
+    @classmethod
+    def _uidl_format(cls, value: Any) -> Any:
+        if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
+            return None
+        if isinstance(value, str):
+            UidlFormat(value)  # a FormatError says what is wrong with it
         return value
 
     @field_validator("mail_root")
@@ -216,6 +289,13 @@ class ServeSettings(BaseSettings):
             raise ValueError("tls-cert and tls-key go together")
         if self.listen_tls and self.tls_cert is None:
             raise ValueError("listen-tls: needs tls-cert and tls-key")
+        if self.users is not None and self.passdb_sql is not None:
+            raise ValueError("users and passdb-sql: give one or the other")
+        for name in ("passdb_sql_query", "passdb_sql_password_file"):
+            if self.passdb_sql is None and getattr(self, name) is not None:
+                raise ValueError(f"{name.replace('_', '-')}: needs passdb-sql")
+        if self.passdb_sql is not None and self.mail_root is None:
+            raise ValueError("passdb-sql: needs mail-root")
         return self
 
     def token(self) -> str | None:
@@ -352,9 +432,13 @@ def format_value(name: str, value: Any) -> str:
     """One setting's value as in a TOML file, or ``"<hidden>"`` for a secret; ``""`` for none."""
     if value is None:
         return ""
+    if name == "passdb_sql" and isinstance(value, SecretStr):
+        from .sql_passdb import public_conninfo  # psycopg only where users are in PostgreSQL
+
+        return json.dumps(public_conninfo(value.get_secret_value()))  # all but its password
     if _is_secret(name, value):
         return json.dumps(HIDDEN)
-    if name in ("cleartext_auth_from", "proxy_protocol_from") and not value:
+    if name in ("cleartext_auth_from", "proxy_protocol_from", "dovecot_uidl_format") and not value:
         return json.dumps("none")
     return _toml(value)
 
