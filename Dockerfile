@@ -17,8 +17,12 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY pop3d ./pop3d
 COPY admin ./admin
+# /docs serves four files of Swagger UI's distribution (pop3d.admin.docs.ASSETS): the editor
+# bundles and source maps beside them are 23 MB the image does not need.
 RUN /opt/pop3d/bin/pip install . \
     && /opt/pop3d/bin/pip uninstall -y pip setuptools \
+    && find /opt/pop3d/lib/python3*/site-packages/swagger_ui/static -type f \
+        ! -name swagger-ui-bundle.js ! -name swagger-ui.css ! -name 'favicon-*.png' -delete \
     && /opt/pop3d/bin/pop3d --version
 
 FROM debian:bookworm-slim
