@@ -37,6 +37,7 @@ __all__ = [
     "check_bind",
     "cors_of",
     "install_access",
+    "install_browser_guard",
     "install_cors",
     "is_loopback",
     "parse_origin",
@@ -135,6 +136,40 @@ def install_access(app: Quart, token: BearerToken | None) -> None:
         )
 
     app.before_request(require_token)
+
+
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def install_browser_guard(app: Quart, cors: CorsOrigins, token: BearerToken | None) -> None:
+    """Refuse what a web page elsewhere could make a browser on this host send.
+
+    - A request that changes something (POST, PATCH, DELETE) with an
+      ``Origin`` that is neither the API's own nor allowed by ``cors``: a
+      403.  Without a token, a page from any site could otherwise take a
+      server down with a "simple" cross-site POST.
+    - Without a token, a ``Host`` that is not a loopback address or
+      ``localhost``: a 403.  That is DNS rebinding, a page whose own name was
+      pointed at 127.0.0.1 to read the API as if from its own origin.
+    """
+
+    async def guard() -> Response | None:
+        if token is None and not _loopback_host(request.host):
+            return error_response(403, f"host {request.host!r} is not served without a token (use 127.0.0.1)")
+        origin = request.headers.get("Origin")
+        if request.method in _SAFE_METHODS or origin is None:
+            return None
+        if urlsplit(origin).netloc.lower() == request.host.lower() or cors.allows(origin):
+            return None
+        return error_response(403, f"cross-site request from {origin!r} refused (see --admin-cors-origin)")
+
+    app.before_request(guard)
+
+
+def _loopback_host(host: str) -> bool:
+    """Whether a ``Host`` header (``name[:port]``, ``[v6]:port``) names this host by a loopback name."""
+    name = urlsplit(f"//{host}").hostname or ""
+    return name == "localhost" or name.endswith(".localhost") or is_loopback(name)
 
 
 # -- CORS: browser pages from other origins ----------------------------------

@@ -15,7 +15,7 @@ from quart_trio import QuartTrio
 import pop3d
 
 from . import cluster, docs, events, ui
-from .access import BearerToken, CorsOrigins, install_access, install_cors
+from .access import BearerToken, CorsOrigins, install_access, install_browser_guard, install_cors
 from .errors import install_error_handlers
 from .metrics import new_registry
 from .openapi import AdminOpenAPIProvider
@@ -60,6 +60,7 @@ def create_app(*, token: str | None = None, cors_origins: Iterable[str] = ()) ->
     install_error_handlers(app)
     # Preflights are answered before the token check: browsers send them without the token.
     install_cors(app, cors)
+    install_browser_guard(app, cors, bearer)
     install_access(app, bearer)
     app.register_blueprint(blueprint)
     app.register_blueprint(docs.blueprint)

@@ -39,6 +39,8 @@ _CODES = {
     409: "conflict",
     415: "unsupported_media_type",
     422: "invalid",
+    429: "too_many",
+    403: "forbidden",
     500: "internal_error",
 }
 

@@ -16,9 +16,10 @@ page never holds up a stop.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Literal
 
 import trio
 from pydantic import BaseModel, Field
@@ -30,13 +31,16 @@ from pop3d.changes import changes
 from pop3d.penalties import PenaltyBox
 from pop3d.server import Server
 
+from .errors import ApiError
 from .models import IsoDatetime, PenaltyView, ServerSummary
-from .openapi import text_content
+from .openapi import errors, text_content
 
 __all__ = [
     "COALESCE",
+    "LOAD_FACTOR",
+    "MAX_SESSIONS_SHOWN",
+    "MAX_STREAMS",
     "REFRESH",
-    "STOPPING_EXTENSION",
     "ServerView",
     "SessionView",
     "Snapshot",
@@ -49,7 +53,15 @@ __all__ = [
 COALESCE = 0.2
 #: With no change, a new snapshot this often (seconds).
 REFRESH = 5.0
-STOPPING_EXTENSION = "pop3d.admin.stopping"
+#: A stream waits at least this many times the last snapshot's cost before the next.
+LOAD_FACTOR = 4
+#: Event streams open at once, at most (429 beyond).
+MAX_STREAMS = 8
+#: The newest open connections of each server a snapshot lists (all are counted).
+MAX_SESSIONS_SHOWN = 500
+#: Penalties a snapshot lists, worst first.
+MAX_PENALTIES_SHOWN = 500
+FEED_EXTENSION = "pop3d.admin.events"
 
 blueprint = Blueprint("events", __name__)
 
@@ -66,52 +78,35 @@ class SessionView(BaseModel):
     state: str = Field(description="auth, trans, update or closed.")
     messages: int = Field(description="Messages in the maildrop (0 before login).")
     octets: int = Field(description="Octets in the maildrop.")
-    deleted: list[int] = Field(description="Messages marked for deletion.")
+    marked: int = Field(description="Messages marked for deletion.")
     started: IsoDatetime
     last_activity: IsoDatetime
 
-    @classmethod
-    def of(cls, state: dict[str, Any]) -> SessionView:
-        """The view of a connection from its ``conn_state``."""
-        return cls(
-            id=state["connection"],
-            user=state["name"] or None,
-            remote_host=state["remotehost"],
-            remote_port=state["remoteport"],
-            tls=state["tls"],
-            tls_version=state["tls_version"],
-            state=state["state"],
-            messages=state["msg"],
-            octets=state["size"],
-            deleted=state["deleted"],
-            started=state["started"],
-            last_activity=state["last_activity"],
-        )
-
 
 class ServerView(ServerSummary):
-    """A server, its totals so far (rates are their differences) and its open connections."""
+    """A server, its totals so far (rates are their differences) and its newest open connections."""
 
     sessions_total: int = Field(description="Sessions begun since the server object was made.")
     logins_ok: int
     logins_failed: int
+    sessions_count: int = Field(description="Open connections (all of them).")
+    sessions_truncated: bool = Field(description=f"Whether sessions lists only the newest {MAX_SESSIONS_SHOWN}.")
     sessions: list[SessionView]
 
     @classmethod
     def of(cls, server: Server) -> ServerView:
         """The view of ``server`` now."""
-        sessions = []
-        for conn_id in server.conn_list():
-            try:
-                sessions.append(SessionView.of(server.conn_state(conn_id)))
-            except pop3d.UnknownConnection:
-                continue  # ended while the list was read
+        ids = server.conn_list()
+        shown = ids[-MAX_SESSIONS_SHOWN:]  # ids are in the order the connections came
+        sessions = [SessionView.model_construct(**server.session(conn_id).overview()) for conn_id in shown]
         stats = server.stats
-        return cls(
-            **ServerSummary.of(server).model_dump(),
+        return cls.model_construct(
+            **dict(ServerSummary.of(server)),
             sessions_total=stats.sessions,
             logins_ok=stats.logins_ok,
             logins_failed=stats.logins_failed,
+            sessions_count=len(ids),
+            sessions_truncated=len(ids) > len(shown),
             sessions=sessions,
         )
 
@@ -141,18 +136,51 @@ class Snapshot(BaseModel):
                 last_failure=datetime.fromtimestamp(entry.last_failure, UTC),
             )
             for box in boxes.values()
-            for entry in box.entries()
+            for entry in box.entries()[:MAX_PENALTIES_SHOWN]
         ]
         penalties.sort(key=lambda view: (-view.failures, view.kind, view.key))
-        return cls(at=datetime.now(UTC), servers=servers, penalties=penalties)
+        return cls.model_construct(at=datetime.now(UTC), servers=servers, penalties=penalties[:MAX_PENALTIES_SHOWN])
+
+
+class _Feed:
+    """The app's one snapshot, made once per change and sent to every stream, and who is streaming.
+
+    Snapshots run on the event loop the POP3 sessions share, so they are
+    bounded: one per change whatever the number of streams, at most
+    :data:`MAX_STREAMS` streams, and each stream waits at least
+    :data:`LOAD_FACTOR` times what the last snapshot cost before the next, so
+    that a busy server spends at most a small share of its time on them.
+    """
+
+    def __init__(self) -> None:
+        self.stopping = trio.Event()
+        self.streams = 0
+        self._made_at = -1  # the change count the bytes are of
+        self._bytes = b""
+        self.cost = 0.0  # seconds the last snapshot took
+
+    def event(self) -> bytes:
+        seen = changes.count
+        if seen != self._made_at:
+            began = time.perf_counter()
+            snapshot = Snapshot.now().model_dump_json()
+            self._bytes = f"event: snapshot\nid: {seen}\ndata: {snapshot}\n\n".encode()
+            self._made_at = seen
+            self.cost = time.perf_counter() - began
+        return self._bytes
+
+
+def _feed(app: Quart) -> _Feed:
+    feed = app.extensions.get(FEED_EXTENSION)
+    if feed is None:
+        feed = app.extensions[FEED_EXTENSION] = _Feed()
+    assert isinstance(feed, _Feed)
+    return feed
 
 
 def stopping(app: Quart) -> trio.Event:
     """Set (with :func:`stop_streams`) when the app stops serving: open event streams then end."""
-    event = app.extensions.get(STOPPING_EXTENSION)
-    if event is None:
-        event = app.extensions[STOPPING_EXTENSION] = trio.Event()
-    return event
+    return _feed(app).stopping
 
 
 def stop_streams(app: Quart) -> None:
@@ -161,29 +189,38 @@ def stop_streams(app: Quart) -> None:
     changes.notify()  # wakes them
 
 
-async def _snapshots(stop: trio.Event) -> AsyncIterator[bytes]:
-    while not stop.is_set():
-        seen = changes.count
-        snapshot = Snapshot.now()
-        yield f"event: snapshot\nid: {seen}\ndata: {snapshot.model_dump_json()}\n\n".encode()
-        with trio.move_on_after(REFRESH):
-            await changes.wait_past(seen)  # the stop notifies too
-            if not stop.is_set():
-                await trio.sleep(COALESCE)
+async def _snapshots(feed: _Feed) -> AsyncIterator[bytes]:
+    # Counted once it runs: a generator that never starts never runs its finally either.
+    feed.streams += 1
+    try:
+        while not feed.stopping.is_set():
+            seen = changes.count
+            yield feed.event()
+            with trio.move_on_after(REFRESH):
+                await changes.wait_past(seen)  # the stop notifies too
+                if not feed.stopping.is_set():
+                    await trio.sleep(max(COALESCE, LOAD_FACTOR * feed.cost))
+    finally:
+        feed.streams -= 1
 
 
 @blueprint.get("/events")
 @tag(["monitoring"])
+@errors(429)
 @text_content(
     200,
     "Server-sent events: one `snapshot` event (a Snapshot as JSON in `data`) now, then one within "
-    f"{COALESCE} s of each change and every {REFRESH:.0f} s anyway.",
+    f"{COALESCE} s of each change (later when snapshots get costly) and every {REFRESH:.0f} s anyway.",
     ("text/event-stream",),
+    event_data=Snapshot,
 )
 async def events() -> Response:
     """A live stream of snapshots of every server, connection and penalty (server-sent events)."""
+    feed = _feed(current_app)
+    if feed.streams >= MAX_STREAMS:
+        raise ApiError(429, f"{MAX_STREAMS} event streams are open already: close one first")
     response = current_app.response_class(
-        _snapshots(stopping(current_app)),
+        _snapshots(feed),
         mimetype="text/event-stream",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
+from pydantic import BaseModel
 from quart_schema import OpenAPIProvider
 from werkzeug.routing import Rule
 
@@ -42,18 +43,24 @@ __all__ = [
 F = TypeVar("F", bound=Callable[..., Any])
 
 _ATTRIBUTE = "_pop3d_openapi"
-_ERROR_REF = "#/components/schemas/Error"
+_COMPONENTS = "#/components/schemas/"
+_ERROR_REF = _COMPONENTS + "Error"
 
 #: What each error status means, as the document describes it.
 ERROR_DESCRIPTIONS = {
     400: "The body claims to be JSON but is not (not UTF-8, or malformed), or is nested too deeply (bad_request).",
     401: "Missing or wrong bearer token (unauthorized).",
+    403: (
+        "Refused for a browser's sake (forbidden): a change asked from another web origin, "
+        "or, without a token, a Host that is not loopback."
+    ),
     404: "No such server, connection, option or penalty (not_found).",
     409: (
         "The server's state forbids it (conflict): exiting, destroyed, not running, its port is taken, "
         "or implicit_tls without a certificate."
     ),
     422: "A bad body or query parameter (invalid); fields names each bad one.",
+    429: "Too many at once (too_many): as many event streams are open as the API serves.",
     500: "A bug (internal_error); the traceback is in the server log.",
 }
 
@@ -66,6 +73,8 @@ class _Extra:
     # status -> (description, media types); no media types means no body
     bodies: dict[int, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
     body_required: bool = False
+    # status -> the model of each server-sent event's data (JSON in the data field)
+    event_data: dict[int, type[BaseModel]] = field(default_factory=dict)
 
 
 def _extra(func: Callable[..., Any]) -> _Extra:
@@ -102,12 +111,20 @@ def no_content(status: int, description: str) -> Callable[[F], F]:
     return decorator
 
 
-def text_content(status: int, description: str, media_types: Iterable[str]) -> Callable[[F], F]:
-    """Declare a response whose body is text in one of ``media_types`` (not JSON)."""
+def text_content(
+    status: int, description: str, media_types: Iterable[str], *, event_data: type[BaseModel] | None = None
+) -> Callable[[F], F]:
+    """Declare a response whose body is text in one of ``media_types`` (not JSON).
+
+    ``event_data``: for ``text/event-stream``, the model of each event's
+    ``data`` (JSON), which the document then lists among its schemas.
+    """
 
     def decorator(func: F) -> F:
         extra = _extra(func)
-        return _record(func, replace(extra, bodies={**extra.bodies, status: (description, tuple(media_types))}))
+        data = {**extra.event_data, status: event_data} if event_data is not None else extra.event_data
+        bodies = {**extra.bodies, status: (description, tuple(media_types))}
+        return _record(func, replace(extra, bodies=bodies, event_data=data))
 
     return decorator
 
@@ -131,8 +148,17 @@ SSE_EVENT_SCHEMA: dict[str, Any] = {
 }
 
 
-def _text_schema(media_type: str) -> dict[str, Any]:
-    return SSE_EVENT_SCHEMA if media_type == "text/event-stream" else {"type": "string"}
+def _text_schema(media_type: str, event_data: type[BaseModel] | None = None) -> dict[str, Any]:
+    if media_type != "text/event-stream":
+        return {"type": "string"}
+    if event_data is None:
+        return SSE_EVENT_SCHEMA
+    # OpenAPI 3.1 (JSON Schema 2020-12): a string holding JSON, and what that JSON is.
+    schema = copy.deepcopy(SSE_EVENT_SCHEMA)
+    schema["properties"]["data"].update(
+        contentMediaType="application/json", contentSchema={"$ref": _COMPONENTS + event_data.__name__}
+    )
+    return schema
 
 
 def _error_response(status: int) -> dict[str, Any]:
@@ -167,10 +193,17 @@ class AdminOpenAPIProvider(OpenAPIProvider):
                 responses: dict[Any, Any] = operation["responses"]
                 for status, (description, media_types) in extra.bodies.items():
                     response: dict[str, Any] = {"description": description}
+                    model = extra.event_data.get(status)
                     if media_types:
-                        response["content"] = {media: {"schema": _text_schema(media)} for media in media_types}
+                        response["content"] = {media: {"schema": _text_schema(media, model)} for media in media_types}
+                    if model is not None:
+                        model_schema = model.model_json_schema(ref_template=_COMPONENTS + "{model}")
+                        # build_paths' components are schemas by name (quart-schema adds them under "schemas").
+                        components.update(model_schema.pop("$defs", {}))
+                        components[model.__name__] = model_schema
                     responses[status] = response
-                statuses = set(extra.errors) | {500}
+                # The browser guard (access.install_browser_guard) can answer any operation with a 403.
+                statuses = set(extra.errors) | {403, 500}
                 if protected and operation.get("security") != []:
                     statuses.add(401)
                 for status in sorted(statuses):

@@ -11,7 +11,6 @@ as a header on every call (never in a URL).  It lives on ``GET /events``
 from __future__ import annotations
 
 import hashlib
-import mimetypes
 from functools import cache
 from pathlib import Path
 
@@ -20,13 +19,19 @@ from quart_schema import hide
 
 from .errors import ApiError
 
-__all__ = ["FILES", "UI_DIR", "UI_ENDPOINTS", "blueprint"]
+__all__ = ["FILES", "TYPES", "UI_DIR", "UI_ENDPOINTS", "blueprint"]
 
 blueprint = Blueprint("ui", __name__)
 
 UI_DIR = Path(__file__).resolve().parent / "ui"
+#: The page's files and their types (not the host's MIME table: with nosniff, a wrong type breaks the page).
+TYPES = {
+    "index.html": "text/html; charset=utf-8",
+    "ui.js": "text/javascript; charset=utf-8",
+    "ui.css": "text/css; charset=utf-8",
+}
 #: The page's files; nothing else is served.
-FILES = frozenset({"index.html", "ui.js", "ui.css"})
+FILES = frozenset(TYPES)
 #: The endpoints of the page and its files (open without the token).
 UI_ENDPOINTS = frozenset({"ui.page", "ui.asset"})
 
@@ -34,7 +39,7 @@ UI_ENDPOINTS = frozenset({"ui.page", "ui.asset"})
 _SECURITY_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
-        "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+        "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
     ),
     "Referrer-Policy": "no-referrer",
     "X-Content-Type-Options": "nosniff",
@@ -50,8 +55,7 @@ def _read(filename: str) -> tuple[bytes, str]:
 
 async def _file(filename: str) -> Response:
     data, etag = _read(filename)
-    content_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"
-    response = current_app.response_class(data, content_type=f"{content_type}; charset=utf-8")
+    response = current_app.response_class(data, content_type=TYPES[filename])
     response.headers.update(_SECURITY_HEADERS)
     response.set_etag(etag)
     response.cache_control.no_cache = True  # revalidate: an upgrade must not leave an old script

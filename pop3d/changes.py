@@ -7,6 +7,11 @@ stream) remembers :attr:`ChangeFeed.count` and awaits
 :meth:`ChangeFeed.wait_past`, so it wakes on a change rather than polling.
 A notify with nobody waiting is one integer increment: sessions call it on
 every command.
+
+The feed belongs to the Trio run that serves the process (``pop3d serve``
+runs one): :meth:`ChangeFeed.notify` must be called from that run's thread,
+never from a worker thread.  Runs one after another (tests) are fine: a
+waiter cancelled at the end of one leaves an event nobody waits for.
 """
 
 from __future__ import annotations

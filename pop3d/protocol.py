@@ -663,6 +663,11 @@ class POP3Connection:
         self._move(Trigger.LOGIN)
         self._reply(replies.ok(replies.LOGGED_IN.format(count=len(self.sizes), octets=self._total)))
 
+    @property
+    def maildrop_octets(self) -> int:
+        """Octets in the maildrop as taken at login (deletions not subtracted)."""
+        return self._total
+
     def login_failed(self, reason: LoginFailure) -> None:
         """The login failed; the session stays in AUTHORIZATION (or ends, after too many).
 

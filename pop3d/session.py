@@ -293,12 +293,34 @@ class Session:
             "storage": self.mailbox or "",
             "deleted": sorted(proto.deleted),
             "msg": len(proto.sizes),
-            "size": sum(proto.sizes),
+            "size": proto.maildrop_octets,
             "started": self.started,
             "last_activity": self.last_activity,
             "tls": tls is not None,
             "tls_version": tls.version() if tls is not None else None,
             "tls_cipher": cipher[0] if cipher else None,
+        }
+
+    def overview(self) -> dict[str, Any]:
+        """What a live view shows of the connection: :meth:`state`'s gist, cheap enough for thousands a second.
+
+        ``marked`` counts the messages marked for deletion (``state`` lists them).
+        """
+        proto = self.protocol
+        tls = self.tls
+        return {
+            "id": self.conn_id,
+            "user": proto.user or None,
+            "remote_host": self.peer[0],
+            "remote_port": self.peer[1],
+            "tls": tls is not None,
+            "tls_version": tls.version() if tls is not None else None,
+            "state": proto.state.value,
+            "messages": len(proto.sizes),
+            "octets": proto.maildrop_octets,
+            "marked": len(proto.deleted),
+            "started": self.started,
+            "last_activity": self.last_activity,
         }
 
     def close(self, reason: str | None = None) -> None:
@@ -503,6 +525,7 @@ class Session:
             self._tls_pending = True
             await self._start_tls()
             self.protocol.tls_started()
+            notify()  # now encrypted: a live view shows it
             return
         try:
             if isinstance(event, Authenticate | LoginRejected):
@@ -615,6 +638,7 @@ class Session:
             len(sizes),
         )
         proto.login_succeeded(sizes)
+        notify()  # logged in, after the checks and the maildrop: a live view shows it now
         if settings.on_login is not None:
             settings.on_login(self.conn_id)
 

@@ -637,6 +637,7 @@ class FakeServer:
     def __init__(self, state: str, addresses: list[tuple[str, int]]) -> None:
         self.state = state
         self._addresses = addresses
+        self.mailbox_locks = None  # no lock service: readiness does not depend on one
 
     def addresses(self) -> list[tuple[str, int]]:
         return self._addresses

@@ -15,13 +15,15 @@ from typing import Any
 import pytest
 import trio
 from pop3d.admin import create_app, serve_admin
-from pop3d.admin.events import COALESCE, REFRESH
+from pop3d.admin.events import COALESCE, MAX_STREAMS
 
 import pop3d
 from pop3d.changes import ChangeFeed
 from pop3d.memory import MemoryStorage, MemoryUsers
 
 TOKEN = "events-token-77d1"
+# Pushed within COALESCE (0.2 s) of a change; well under the 5 s refresh, so only a push passes.
+LIVE = 1.5
 UI_DOC = Path(__file__).resolve().parent.parent / "docs" / "ui.md"
 
 
@@ -109,7 +111,7 @@ async def test_a_session_shows_in_the_stream_as_it_comes_and_goes(nursery: trio.
     await stream.receive_some()
     await stream.send_all(b"USER alice\r\nPASS secret\r\nDELE 1\r\n")
     seen = await reader.until(
-        lambda e: any(s["state"] == "trans" and s["deleted"] == [1] for s in of(e)["sessions"]), within=REFRESH
+        lambda e: any(s["state"] == "trans" and s["marked"] == 1 for s in of(e)["sessions"]), within=LIVE
     )
     [session] = of(seen)["sessions"]
     assert session["user"] == "alice" and session["messages"] == 1 and session["tls"] is False
@@ -117,11 +119,11 @@ async def test_a_session_shows_in_the_stream_as_it_comes_and_goes(nursery: trio.
 
     await stream.send_all(b"RSET\r\nQUIT\r\n")
     await stream.aclose()
-    gone = await reader.until(lambda e: of(e)["sessions"] == [], within=REFRESH)
+    gone = await reader.until(lambda e: of(e)["sessions"] == [], within=LIVE)
     assert of(gone)["sessions_total"] == 1
 
     await server.down()
-    down = await reader.until(lambda e: of(e)["state"] == "down", within=REFRESH)
+    down = await reader.until(lambda e: of(e)["state"] == "down", within=LIVE)
     assert of(down)["addresses"] == []
     response.close()
     stop.set()
@@ -137,7 +139,7 @@ async def test_penalties_are_in_the_snapshot(nursery: trio.Nursery) -> None:
     reader = EventReader(await trio.to_thread.run_sync(open_stream, url))
     await reader.next()
     box.failed("192.0.2.7", "mallory")
-    event = await reader.until(lambda e: e["penalties"], within=REFRESH)
+    event = await reader.until(lambda e: e["penalties"], within=LIVE)
     keys = {(p["kind"], p["key"]) for p in event["penalties"]}
     assert ("user", "mallory") in keys and ("address", "192.0.2.7") in keys
     await server.destroy("kill")
@@ -168,8 +170,8 @@ async def test_a_stop_ends_open_streams(nursery: trio.Nursery) -> None:
     reader = EventReader(await trio.to_thread.run_sync(open_stream, url))
     assert await reader.next() is not None
     stop.set()
-    # Hypercorn would wait for the open stream; the stream ends instead.
-    assert await reader.next(within=REFRESH) is None
+    # Hypercorn would wait for the open stream (3 s, then cut it); the stream ends at once instead.
+    assert await reader.next(within=1.0) is None
 
 
 async def test_the_change_feed_wakes_waiters_and_counts() -> None:
@@ -217,3 +219,99 @@ def test_the_documented_curl_command_reads_the_stream(tmp_path: Path) -> None:
     data = [line.removeprefix("data: ") for line in result.stdout.splitlines() if line.startswith("data: ")]
     assert data and json.loads(data[0])["servers"][0]["name"] == "pop3"
     assert result.stdout.startswith("event: snapshot\n")
+
+
+async def test_event_streams_are_capped_and_share_one_snapshot(nursery: trio.Nursery) -> None:
+    url, stop = await admin(nursery)
+    responses = [await trio.to_thread.run_sync(open_stream, url) for _ in range(MAX_STREAMS)]
+    firsts = [await EventReader(response).next() for response in responses]
+    assert len({first["id"] for first in firsts if first}) == 1  # one snapshot, sent to all
+
+    def one_more() -> tuple[int, Any]:
+        try:
+            open_stream(url).close()
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return exc.code, json.loads(exc.read())
+        raise AssertionError("a stream beyond the cap was opened")
+
+    status, body = await trio.to_thread.run_sync(one_more)
+    assert status == 429 and body["error"] == "too_many"
+    responses.pop().close()
+    with trio.fail_after(5):
+        while True:  # the closed stream's place comes free once the server sees it gone
+            try:
+                reopened = await trio.to_thread.run_sync(open_stream, url)
+                break
+            except urllib.error.HTTPError as exc:
+                exc.close()
+                await trio.sleep(0.1)
+    for response in [*responses, reopened]:
+        response.close()
+    stop.set()
+
+
+async def test_a_snapshot_lists_the_newest_sessions_and_counts_them_all(
+    nursery: trio.Nursery, server: pop3d.Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pop3d.admin import events
+
+    monkeypatch.setattr(events, "MAX_SESSIONS_SHOWN", 2)
+    streams = [await trio.open_tcp_stream("127.0.0.1", server.cget("port")) for _ in range(3)]
+    for stream in streams:
+        await stream.receive_some()
+    view = events.Snapshot.now().model_dump(mode="json")
+    [mine_] = [s for s in view["servers"] if s["name"] == server.name]
+    assert mine_["sessions_count"] == 3 and mine_["sessions_truncated"] is True
+    assert [s["id"] for s in mine_["sessions"]] == server.conn_list()[-2:]
+    for stream in streams:
+        await stream.aclose()
+
+
+async def test_pages_elsewhere_cannot_drive_the_api(nursery: trio.Nursery, server: pop3d.Server) -> None:
+    from pop3d.admin import create_app as make
+
+    stop = trio.Event()
+    app = make(cors_origins=["https://dash.example.org"])
+    url = await nursery.start(functools.partial(serve_admin, app, "127.0.0.1:0", shutdown_trigger=stop.wait))
+
+    def post(path: str, headers: dict[str, str]) -> tuple[int, Any]:
+        request = urllib.request.Request(url + path, method="POST", headers=headers, data=b"")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return exc.code, json.loads(exc.read())
+
+    down = f"/servers/{server.name}/down"
+    # A "simple" cross-site form post from any page: refused, and the server stays up.
+    status, body = await trio.to_thread.run_sync(post, down, {"Origin": "https://evil.example"})
+    assert (status, body["error"]) == (403, "forbidden") and server.state == "up"
+    # DNS rebinding: the page's own name pointed at 127.0.0.1.
+    status, body = await trio.to_thread.run_sync(post, down, {"Host": "evil.example"})
+    assert status == 403 and "without a token" in body["detail"] and server.state == "up"
+    # The API's own page, and an allowed dashboard, may.
+    host = url.removeprefix("http://")
+    status, _ = await trio.to_thread.run_sync(post, down, {"Origin": url})
+    assert status == 200 and server.state == "down"
+    status, _ = await trio.to_thread.run_sync(
+        post, f"/servers/{server.name}/up", {"Origin": "https://dash.example.org"}
+    )
+    assert status == 200 and server.state == "up"
+    assert host.startswith("127.0.0.1:")
+    stop.set()
+
+
+async def test_the_openapi_document_describes_each_event() -> None:
+    app = create_app()
+    async with app.test_app() as test_app:
+        document = await (await test_app.test_client().get("/openapi.json")).get_json()
+    content = document["paths"]["/events"]["get"]["responses"]["200"]["content"]["text/event-stream"]
+    data = content["schema"]["properties"]["data"]
+    assert data["contentMediaType"] == "application/json"
+    assert data["contentSchema"] == {"$ref": "#/components/schemas/Snapshot"}
+    snapshot = document["components"]["schemas"]["Snapshot"]
+    assert {"at", "servers", "penalties"} <= set(snapshot["properties"])
+    assert "marked" in document["components"]["schemas"]["SessionView"]["properties"]
+    assert "429" in document["paths"]["/events"]["get"]["responses"]
