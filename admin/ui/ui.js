@@ -1,19 +1,27 @@
 // pop3d's control page: lives on GET /events, acts through the admin API.
 // The token (when the API wants one) stays in this tab's sessionStorage and
-// travels only in the Authorization header.
+// travels only in the Authorization header.  Every string from the server is
+// put in the page as text (textContent), never as HTML.
 "use strict";
 
 const TOKEN_KEY = "pop3d-admin-token";
+// A server whose auth option points here serves the demo data (pop3d.serve.demo_data_dir):
+// $XDG_DATA_HOME/pop3d/demo, or a private pop3d-demo-* directory.
+const DEMO_AUTH = /^passwd-file:.*[\\/]pop3d(?:-demo-[^\\/]+)?[\\/]demo[\\/]users$/;
 const state = {
   snapshot: null,
+  clock: null, // {at, received}: the server's time at the last snapshot, and when it arrived here
   previous: new Map(), // server name -> {at, sessions, logins}: rates are differences
   rates: new Map(),
   settable: null, // option name -> JSON schema, from the OpenAPI document's ConfigPatch
   configServer: null,
-  stream: null,
+  auth: new Map(), // server name -> its auth option (null while asked for)
+  stream: null, // the AbortController of the open event stream
+  generation: 0, // bumped to stop the reconnect loop that is running
 };
 
 const $ = (selector) => document.querySelector(selector);
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 function token() {
   return sessionStorage.getItem(TOKEN_KEY);
@@ -25,6 +33,15 @@ class ApiError extends Error {
     this.status = status;
     this.body = body;
   }
+}
+
+async function errorOf(response) {
+  const text = await response.text();
+  let data = null;
+  if (text) {
+    try { data = JSON.parse(text); } catch (_) { data = { detail: text }; }
+  }
+  return new ApiError(response.status, data);
 }
 
 async function api(method, path, body) {
@@ -41,13 +58,9 @@ async function api(method, path, body) {
     askForToken(current ? "That token was refused. Enter the admin token again." : null);
     throw new ApiError(401, { detail: "the admin token is needed" });
   }
+  if (!response.ok) throw await errorOf(response);
   const text = await response.text();
-  let data = null;
-  if (text) {
-    try { data = JSON.parse(text); } catch (_) { data = { detail: text }; }
-  }
-  if (!response.ok) throw new ApiError(response.status, data);
-  return data;
+  return text ? JSON.parse(text) : null;
 }
 
 function notice(message, kind = "error") {
@@ -62,6 +75,7 @@ function notice(message, kind = "error") {
 
 function askForToken(why) {
   sessionStorage.removeItem(TOKEN_KEY);
+  stop();
   $("#token-section").hidden = false;
   $("#main").hidden = true;
   if (why) {
@@ -70,7 +84,6 @@ function askForToken(why) {
   }
   $("#token-input").focus();
   setLive("the admin token is needed", "down");
-  if (state.stream) state.stream.abort();
 }
 
 $("#token-form").addEventListener("submit", (event) => {
@@ -88,29 +101,32 @@ $("#token-form").addEventListener("submit", (event) => {
 
 function setLive(text, kind) {
   const live = $("#live");
-  live.textContent = text;
+  if (live.textContent !== text) live.textContent = text;
   live.className = kind;
 }
 
-async function follow() {
+// Reads /events until it ends ("ended") or the token is refused ("token").
+async function follow(generation) {
   const controller = new AbortController();
   state.stream = controller;
   const headers = { Accept: "text/event-stream" };
   const current = token();
   if (current) headers.Authorization = `Bearer ${current}`;
   const response = await fetch("/events", { headers, signal: controller.signal, cache: "no-store" });
+  if (generation !== state.generation) { controller.abort(); return "stopped"; }
   if (response.status === 401) {
     askForToken(current ? "That token was refused. Enter the admin token again." : null);
-    return false;
+    return "token";
   }
-  if (!response.ok || !response.body) throw new Error(`the event stream answered ${response.status}`);
+  if (!response.ok || !response.body) throw await errorOf(response);
   setLive("live", "up");
   notice(null);
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
   for (;;) {
     const { value, done } = await reader.read();
-    if (done) return true;
+    if (generation !== state.generation) { controller.abort(); return "stopped"; }
+    if (done) return "ended";
     buffer += value;
     let end;
     while ((end = buffer.indexOf("\n\n")) >= 0) {
@@ -123,45 +139,122 @@ async function follow() {
   }
 }
 
-async function start() {
+// Stops the running loop, even one asleep between two attempts.
+function stop() {
+  state.generation += 1;
   if (state.stream) state.stream.abort();
+  state.stream = null;
+}
+
+// Follows the stream, reconnecting with back-off; a later start() or stop() ends this loop.
+async function start() {
+  stop();
+  const generation = state.generation;
   let wait = 500;
-  for (;;) {
+  while (generation === state.generation) {
     try {
-      const again = await follow();
-      if (!again) return; // the token is needed
+      const outcome = await follow(generation);
+      if (outcome !== "ended") return;
+      setLive("the stream ended: reconnecting…", "down");
       wait = 500;
     } catch (error) {
-      if (error.name === "AbortError") return;
+      if (generation !== state.generation) return;
       setLive("reconnecting…", "down");
+      if (error instanceof ApiError) notice(`The event stream was refused: ${error.message}`);
     }
-    await new Promise((resolve) => setTimeout(resolve, wait));
+    await sleep(wait);
     wait = Math.min(wait * 2, 5000);
   }
 }
 
 // -- drawing -----------------------------------------------------------------------
 
-function cell(row, content, label) {
-  const td = document.createElement("td");
-  if (content instanceof Node) td.append(content); else td.textContent = content ?? "";
-  if (label) td.dataset.label = label;
-  row.append(td);
-  return td;
+function setText(element, text) {
+  if (element.textContent !== text) element.textContent = text;
 }
 
-function button(text, label, onClick, kind) {
+function makeRow(labels) {
+  const row = document.createElement("tr");
+  row.setAttribute("role", "row"); // kept at phone width, where the rows are display: block
+  for (const label of labels) {
+    const td = document.createElement("td");
+    td.setAttribute("role", "cell");
+    td.dataset.label = label;
+    row.append(td);
+  }
+  return row;
+}
+
+// Writes each text into the row's cells, in order (null leaves a cell alone).
+function fill(row, texts) {
+  texts.forEach((text, index) => { if (text !== null) setText(row.cells[index], text); });
+}
+
+// visible: the button's text; name: what it acts on, appended to the text for its accessible name.
+function button(visible, name, onClick, kind) {
   const b = document.createElement("button");
   b.type = "button";
-  b.textContent = text;
-  b.setAttribute("aria-label", label);
+  b.textContent = visible;
+  b.dataset.action = visible;
+  b.setAttribute("aria-label", `${visible.replace(/…$/, "")} ${name}`);
   if (kind) b.className = kind;
-  b.addEventListener("click", onClick);
+  b.addEventListener("click", (event) => {
+    if (b.getAttribute("aria-disabled") !== "true") onClick(event);
+  });
   return b;
 }
 
+// aria-disabled rather than disabled: a focused button that becomes unusable keeps the focus.
+function setDisabled(b, disabled) {
+  if (disabled) b.setAttribute("aria-disabled", "true"); else b.removeAttribute("aria-disabled");
+}
+
+// Keeps body's rows in step with items, keyed by keyOf: rows that stay are updated in
+// place (make builds a new one, update writes its cells), so a focused button is never
+// replaced; rows that vanished are removed, and their focus goes to a neighbour's button.
+function syncRows(body, items, keyOf, make, update) {
+  const focused = document.activeElement;
+  const rows = new Map([...body.rows].map((row) => [row.dataset.key, row]));
+  const wanted = new Set(items.map(keyOf));
+  let lost = null; // {index, action} of a focused button whose row vanished
+  [...body.rows].forEach((row, index) => {
+    if (wanted.has(row.dataset.key)) return;
+    if (row.contains(focused)) lost = { index, action: focused.dataset.action };
+    row.remove();
+    rows.delete(row.dataset.key);
+  });
+  let next = body.firstElementChild;
+  for (const item of items) {
+    const key = keyOf(item);
+    let row = rows.get(key);
+    if (!row) {
+      row = make(item);
+      row.dataset.key = key;
+    }
+    update(row, item);
+    if (row === next) next = next.nextElementSibling;
+    else body.insertBefore(row, next);
+  }
+  if (focused && focused.isConnected && document.activeElement !== focused) {
+    focused.focus({ preventScroll: true }); // its row moved
+  } else if (lost) {
+    const near = body.rows[Math.min(lost.index, body.rows.length - 1)];
+    const target = near && near.querySelector(`button[data-action="${CSS.escape(lost.action || "")}"]`);
+    const heading = body.closest("section").querySelector("h2");
+    (target || heading).focus({ preventScroll: true });
+  }
+}
+
+function pad(number) {
+  return String(number).padStart(2, "0");
+}
+
+// In the browser's time zone, as 2025-01-31 14:05:09 (the same in every locale).
 function localTime(iso) {
-  return new Date(iso).toLocaleString();
+  const d = new Date(iso);
+  if (Number.isNaN(d.getTime())) return "—";
+  return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} `
+    + `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
 }
 
 function duration(seconds) {
@@ -169,6 +262,12 @@ function duration(seconds) {
   if (seconds < 60) return `${seconds} s`;
   if (seconds < 3600) return `${Math.floor(seconds / 60)} min ${seconds % 60} s`;
   return `${Math.floor(seconds / 3600)} h ${Math.floor((seconds % 3600) / 60)} min`;
+}
+
+// The server's clock now: the last snapshot's time plus what has passed here since it came.
+function serverNow() {
+  if (!state.clock) return null;
+  return state.clock.at + (performance.now() - state.clock.received);
 }
 
 function rate(name, server, at) {
@@ -189,114 +288,155 @@ function rate(name, server, at) {
 
 function show(snapshot) {
   state.snapshot = snapshot;
+  state.clock = { at: Date.parse(snapshot.at), received: performance.now() };
   drawServers(snapshot);
   drawConnections(snapshot);
   drawPenalties(snapshot);
   fillServerChoice(snapshot);
+  $("#main").dataset.at = snapshot.at; // when the page last heard from the server
+}
+
+const SERVER_LABELS = ["Name", "State", "Addresses", "Open", "Sessions/s", "Logins/s", "Actions"];
+
+function makeServerRow(server) {
+  const row = makeRow(SERVER_LABELS);
+  row.dataset.server = server.name;
+  const name = server.name;
+  const path = `/servers/${encodeURIComponent(name)}`;
+  const actions = document.createElement("span");
+  actions.className = "actions";
+  actions.append(
+    button("Up", name, () => act("POST", `${path}/up`)),
+    button("Down", name, () => act("POST", `${path}/down`)),
+    button("Destroy…", name, (event) => confirmDestroy(name, event.currentTarget), "danger"),
+  );
+  row.cells[6].append(actions);
+  return row;
+}
+
+function updateServerRow(row, server, at) {
+  const r = rate(server.name, server, at);
+  fill(row, [
+    server.name, server.state, server.addresses.join(" ") || "—", String(server.sessions_count),
+    r ? r.sessions.toFixed(1) : "—", r ? r.logins.toFixed(1) : "—",
+  ]);
+  row.cells[1].className = `state ${server.state}`;
+  const [up, down, destroy] = row.cells[6].querySelectorAll("button");
+  setDisabled(up, server.state !== "down");
+  setDisabled(down, server.state !== "up");
+  setDisabled(destroy, server.state === "exiting");
 }
 
 function drawServers(snapshot) {
-  const body = $("#servers tbody");
-  body.replaceChildren();
   $("#servers-empty").hidden = snapshot.servers.length > 0;
-  for (const server of snapshot.servers) {
-    const row = document.createElement("tr");
-    row.dataset.server = server.name;
-    cell(row, server.name, "Name");
-    const stateCell = cell(row, server.state, "State");
-    stateCell.className = `state ${server.state}`;
-    cell(row, server.addresses.join(" ") || "—", "Addresses");
-    cell(row, String(server.connections), "Open");
-    const r = rate(server.name, server, snapshot.at);
-    cell(row, r ? r.sessions.toFixed(1) : "—", "Sessions/s");
-    cell(row, r ? r.logins.toFixed(1) : "—", "Logins/s");
-    const actions = document.createElement("span");
-    actions.className = "actions";
-    const path = `/servers/${encodeURIComponent(server.name)}`;
-    const up = button("Up", `Start listening: ${server.name}`, () => act("POST", `${path}/up`));
-    const down = button("Down", `Stop listening: ${server.name}`, () => act("POST", `${path}/down`));
-    const destroy = button("Destroy…", `Destroy ${server.name}`, () => confirmDestroy(server.name), "danger");
-    up.disabled = server.state !== "down";
-    down.disabled = server.state !== "up";
-    destroy.disabled = server.state === "exiting";
-    actions.append(up, down, destroy);
-    cell(row, actions, "Actions");
-    body.append(row);
-  }
+  syncRows($("#servers tbody"), snapshot.servers, (server) => server.name, makeServerRow,
+    (row, server) => updateServerRow(row, server, snapshot.at));
+}
+
+const CONNECTION_LABELS = ["Id", "Server", "User", "Remote", "TLS", "State", "Messages", "Octets", "Marked",
+  "Started", "Idle", "Actions"];
+
+function makeConnectionRow({ server, session }) {
+  const row = makeRow(CONNECTION_LABELS);
+  row.dataset.connection = session.id;
+  row.dataset.server = server;
+  row.cells[10].className = "idle";
+  const path = `/servers/${encodeURIComponent(server)}/connections/${encodeURIComponent(session.id)}`;
+  row.cells[11].append(button("Kick…", session.id,
+    (event) => confirmKick(path, session.id, event.currentTarget), "danger"));
+  return row;
+}
+
+function updateConnectionRow(row, { server, session }) {
+  const host = session.remote_host.includes(":") ? `[${session.remote_host}]` : session.remote_host;
+  fill(row, [
+    session.id, server, session.user || "—", `${host}:${session.remote_port}`,
+    session.tls ? (session.tls_version || "yes") : "no", session.state, String(session.messages),
+    String(session.octets), String(session.marked), localTime(session.started),
+  ]);
+  row.cells[10].dataset.since = session.last_activity;
 }
 
 function drawConnections(snapshot) {
-  const body = $("#connections tbody");
-  body.replaceChildren();
-  let count = 0;
-  for (const server of snapshot.servers) {
-    for (const session of server.sessions) {
-      count += 1;
-      const row = document.createElement("tr");
-      row.dataset.connection = session.id;
-      cell(row, session.id, "Id");
-      cell(row, server.name, "Server");
-      cell(row, session.user || "—", "User");
-      cell(row, session.remote_host.includes(":") ? `[${session.remote_host}]:${session.remote_port}`
-        : `${session.remote_host}:${session.remote_port}`, "Remote");
-      cell(row, session.tls ? (session.tls_version || "yes") : "no", "TLS");
-      cell(row, session.state, "State");
-      cell(row, String(session.messages), "Messages");
-      cell(row, String(session.octets), "Octets");
-      cell(row, session.deleted.length ? session.deleted.join(", ") : "—", "Marked");
-      cell(row, localTime(session.started), "Started");
-      const idle = cell(row, "", "Idle");
-      idle.className = "idle";
-      idle.dataset.since = session.last_activity;
-      const path = `/servers/${encodeURIComponent(server.name)}/connections/${encodeURIComponent(session.id)}`;
-      cell(row, button("Kick…", `Close connection ${session.id}`, () => confirmKick(path, session.id), "danger"),
-        "Actions");
-      body.append(row);
-    }
-  }
-  const empty = $("#connections-empty");
-  empty.hidden = count > 0;
-  if (!count) {
-    const up = snapshot.servers.find((server) => server.state === "up" && server.addresses.length);
-    empty.replaceChildren();
-    if (up) {
-      empty.append("No connections — try ");
-      const code = document.createElement("code");
-      code.textContent = `curl pop3://USER:PASSWORD@${up.addresses[0]}/1`;
-      empty.append(code, " (the demo's user and password are demo and demo).");
-    } else {
-      empty.append("No connections, and no server is listening: press Up on a server above.");
-    }
-  }
+  const items = snapshot.servers.flatMap((server) =>
+    server.sessions.map((session) => ({ server: server.name, session })));
+  syncRows($("#connections tbody"), items, ({ server, session }) => `${server}\n${session.id}`,
+    makeConnectionRow, updateConnectionRow);
+  const truncated = snapshot.servers.filter((server) => server.sessions_truncated)
+    .map((server) => `${server.name}: showing ${server.sessions.length} of ${server.sessions_count}`);
+  const note = $("#connections-truncated");
+  note.hidden = !truncated.length;
+  setText(note, truncated.length ? `${truncated.join("; ")} open connections (the newest).` : "");
+  drawConnectionsEmpty(snapshot, items.length);
   tick();
 }
 
+function drawConnectionsEmpty(snapshot, count) {
+  const empty = $("#connections-empty");
+  empty.hidden = count > 0;
+  if (count) return;
+  const up = snapshot.servers.find((server) => server.state === "up" && server.addresses.length);
+  const parts = [];
+  if (up) {
+    const code = document.createElement("code");
+    code.textContent = `curl pop3://USER:PASSWORD@${up.addresses[0]}/1`;
+    parts.push("No connections — try ", code);
+    const auth = authOf(up.name);
+    parts.push(auth && DEMO_AUTH.test(auth) ? " (the demo's user and password are demo and demo)." : ".");
+  } else if (snapshot.servers.length) {
+    parts.push("No connections, and no server is listening: press Up on a server above.");
+  } else {
+    parts.push("No connections: there is no server (see above).");
+  }
+  // Redrawn only when it says something else, so that a screen reader is not told it again.
+  const text = parts.map((part) => (typeof part === "string" ? part : part.textContent)).join("");
+  if (empty.dataset.text !== text) {
+    empty.replaceChildren(...parts);
+    empty.dataset.text = text;
+  }
+}
+
+// The server's auth option, asked for once; the empty state is drawn again when it comes.
+function authOf(name) {
+  if (state.auth.has(name)) return state.auth.get(name);
+  state.auth.set(name, null);
+  api("GET", `/servers/${encodeURIComponent(name)}/config`).then((config) => {
+    state.auth.set(name, config.auth || "");
+    if (state.snapshot) drawConnectionsEmpty(state.snapshot, $("#connections tbody").rows.length);
+  }, () => state.auth.delete(name));
+  return null;
+}
+
 function tick() {
-  const now = Date.now();
+  const now = serverNow();
+  if (now === null) return;
   for (const idle of document.querySelectorAll("#connections td.idle")) {
-    idle.textContent = duration((now - Date.parse(idle.dataset.since)) / 1000);
+    setText(idle, duration((now - Date.parse(idle.dataset.since)) / 1000));
   }
 }
 setInterval(tick, 1000);
 
+const PENALTY_LABELS = ["Kind", "Address or user", "Failures", "Delay", "Last failure", "Actions"];
+
+function makePenaltyRow(penalty) {
+  const row = makeRow(PENALTY_LABELS);
+  row.dataset.penalty = penalty.key;
+  row.dataset.kind = penalty.kind;
+  const path = penalty.kind === "user" ? `/penalties/users/${encodeURIComponent(penalty.key)}`
+    : `/penalties/${encodeURIComponent(penalty.key)}`;
+  row.cells[5].append(button("Clear", penalty.key, () => act("DELETE", path)));
+  return row;
+}
+
+function updatePenaltyRow(row, penalty) {
+  fill(row, [penalty.kind, penalty.key, String(penalty.failures), `${Number(penalty.delay).toFixed(1)} s`,
+    localTime(penalty.last_failure)]);
+}
+
 function drawPenalties(snapshot) {
-  const body = $("#penalties tbody");
-  body.replaceChildren();
   $("#penalties-empty").hidden = snapshot.penalties.length > 0;
-  for (const penalty of snapshot.penalties) {
-    const row = document.createElement("tr");
-    row.dataset.penalty = penalty.key;
-    cell(row, penalty.kind, "Kind");
-    cell(row, penalty.key, "Address or user");
-    cell(row, String(penalty.failures), "Failures");
-    cell(row, `${penalty.delay} s`, "Delay");
-    cell(row, localTime(penalty.last_failure), "Last failure");
-    const path = penalty.kind === "user" ? `/penalties/users/${encodeURIComponent(penalty.key)}`
-      : `/penalties/${encodeURIComponent(penalty.key)}`;
-    cell(row, button("Clear", `Clear the penalty of ${penalty.kind} ${penalty.key}`, () => act("DELETE", path)),
-      "Actions");
-    body.append(row);
-  }
+  syncRows($("#penalties tbody"), snapshot.penalties, (penalty) => `${penalty.kind}\n${penalty.key}`,
+    makePenaltyRow, updatePenaltyRow);
 }
 
 // -- acting --------------------------------------------------------------------------
@@ -312,30 +452,33 @@ async function act(method, path, body) {
   }
 }
 
-function confirmDestroy(name) {
-  const dialog = $("#destroy-dialog");
-  dialog.querySelector(".which").textContent = name;
+// Opens a confirmation; on close, focus goes back to the button that opened it.
+function confirm(dialog, opener, onClose) {
   dialog.returnValue = "cancel";
   dialog.onclose = () => {
-    const mode = dialog.returnValue;
-    if (mode === "defer" || mode === "kill") {
-      act("DELETE", `/servers/${encodeURIComponent(name)}?mode=${mode}`);
-    }
+    if (opener && opener.isConnected) opener.focus();
+    onClose(dialog.returnValue);
   };
   dialog.showModal();
 }
 
-function confirmKick(path, id) {
+function confirmDestroy(name, opener) {
+  const dialog = $("#destroy-dialog");
+  dialog.querySelector(".which").textContent = name;
+  confirm(dialog, opener, (mode) => {
+    if (mode === "defer" || mode === "kill") act("DELETE", `/servers/${encodeURIComponent(name)}?mode=${mode}`);
+  });
+}
+
+function confirmKick(path, id, opener) {
   const dialog = $("#kick-dialog");
   dialog.querySelector(".which").textContent = id;
   $("#kick-reason").value = "";
-  dialog.returnValue = "cancel";
-  dialog.onclose = () => {
-    if (dialog.returnValue !== "kick") return;
+  confirm(dialog, opener, (choice) => {
+    if (choice !== "kick") return;
     const reason = $("#kick-reason").value.trim();
     act("DELETE", reason ? `${path}?reason=${encodeURIComponent(reason)}` : path);
-  };
-  dialog.showModal();
+  });
 }
 
 // -- configuration -------------------------------------------------------------------
@@ -358,6 +501,7 @@ async function settable() {
   if (state.settable) return state.settable;
   // The options PATCH accepts, as the API documents them: nothing to keep in step here.
   const response = await fetch("/openapi.json", { cache: "no-store" });
+  if (!response.ok) throw await errorOf(response);
   const spec = await response.json();
   let schema = spec.paths["/servers/{name}/config"].patch.requestBody.content["application/json"].schema;
   if (schema.$ref) schema = spec.components.schemas[schema.$ref.split("/").pop()];
@@ -368,6 +512,30 @@ async function settable() {
 function kindOf(schema) {
   const types = schema.type ? [schema.type] : (schema.anyOf || []).map((option) => option.type);
   return types.find((type) => type && type !== "null") || "string";
+}
+
+// Whether the schema takes null (the option's default), or the string "none" (an empty list).
+function takesNull(schema) {
+  return schema.type === "null" || (schema.anyOf || []).some((option) => option.type === "null");
+}
+
+function takesNone(schema) {
+  return (schema.anyOf || []).some((option) => option.const === "none");
+}
+
+function messageOf(option) {
+  return document.querySelector(`#config-fields [data-option="${CSS.escape(option)}"] .field-error`);
+}
+
+function setFieldError(option, text) {
+  const message = messageOf(option);
+  if (!message) return false;
+  message.textContent = text;
+  const input = message.parentElement.querySelector("input");
+  if (input) {
+    if (text) input.setAttribute("aria-invalid", "true"); else input.removeAttribute("aria-invalid");
+  }
+  return true;
 }
 
 async function loadConfig(name) {
@@ -381,6 +549,7 @@ async function loadConfig(name) {
     if (error.status !== 401) notice(error.message);
     return;
   }
+  state.auth.set(name, config.auth || "");
   const box = $("#config-fields");
   box.replaceChildren();
   for (const [option, value] of Object.entries(config)) {
@@ -402,6 +571,8 @@ async function loadConfig(name) {
       input = document.createElement("input");
       input.name = option;
       input.dataset.kind = kind;
+      input.dataset.nullable = String(takesNull(schema));
+      input.dataset.none = String(takesNone(schema));
       if (kind === "boolean") {
         input.type = "checkbox";
         input.checked = Boolean(value);
@@ -411,7 +582,8 @@ async function loadConfig(name) {
         input.value = value ?? "";
       } else {
         input.type = "text";
-        input.value = Array.isArray(value) ? value.join(", ") : (value ?? "");
+        if (Array.isArray(value)) input.value = value.length || !takesNone(schema) ? value.join(", ") : "none";
+        else input.value = value ?? "";
       }
       input.dataset.original = input.type === "checkbox" ? String(input.checked) : input.value;
       if (schema.description) input.title = schema.description;
@@ -431,8 +603,13 @@ function valueOf(input) {
   const kind = input.dataset.kind;
   if (kind === "boolean") return input.checked;
   if (kind === "integer" || kind === "number") return input.value === "" ? null : Number(input.value);
-  if (kind === "array") return input.value.split(",").map((item) => item.trim()).filter(Boolean);
-  return input.value === "" ? null : input.value;
+  const text = input.value.trim();
+  if (kind === "array") {
+    // The API takes the string "none" for an empty list (never ["none"]).
+    if ((text === "" || text.toLowerCase() === "none") && input.dataset.none === "true") return "none";
+    return text.split(",").map((item) => item.trim()).filter(Boolean);
+  }
+  return text === "" && input.dataset.nullable === "true" ? null : input.value;
 }
 
 $("#config-form").addEventListener("submit", async (event) => {
@@ -444,7 +621,7 @@ $("#config-form").addEventListener("submit", async (event) => {
     const now = input.type === "checkbox" ? String(input.checked) : input.value;
     if (now !== input.dataset.original) changes[input.name] = valueOf(input);
   }
-  for (const message of document.querySelectorAll("#config-fields .field-error")) message.textContent = "";
+  for (const field of document.querySelectorAll("#config-fields .field")) setFieldError(field.dataset.option, "");
   const result = $("#config-result");
   if (!Object.keys(changes).length) { result.textContent = "Nothing changed."; return; }
   try {
@@ -454,13 +631,15 @@ $("#config-form").addEventListener("submit", async (event) => {
   } catch (error) {
     if (error.status === 401) return;
     const named = (error.body && error.body.fields) || [];
-    for (const field of named) {
-      const option = field.field.split(".")[0];
-      const message = document.querySelector(`#config-fields [data-option="${CSS.escape(option)}"] .field-error`);
-      if (message) message.textContent = field.message;
+    const elsewhere = named.filter((field) => !setFieldError(field.field.split(".")[0], field.message));
+    if (named.length > elsewhere.length) {
+      const more = elsewhere.map((field) => `${field.field}: ${field.message}`).join("; ");
+      result.textContent = `Not saved: see the fields marked.${more ? ` Also: ${more}.` : ""}`;
+    } else {
+      result.textContent = `Not saved: ${error.message}`;
     }
-    result.textContent = named.length ? "Not saved: see the fields marked." : `Not saved: ${error.message}`;
   }
 });
 
+$("#zone").textContent = `Times in ${Intl.DateTimeFormat().resolvedOptions().timeZone || "local time"}`;
 start();
