@@ -131,6 +131,9 @@ class SqlPassdb:
             extra["password"] = password
         # libpq waits for ever on an address that does not answer unless told otherwise (at least 2 s).
         params.setdefault("connect_timeout", str(max(2, round(timeout))))
+        # Nor would a query on a connection whose path went silent (a partition) end
+        # before TCP gives up, in minutes: drop it once sent data is unacknowledged this long.
+        params.setdefault("tcp_user_timeout", str(round(timeout * 1000)))
         params.setdefault("application_name", "pop3d")
         self._conninfo = make_conninfo(**{**params, **extra})
         self.query = query

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 READY = re.compile(r"ready (?P<pop3>.*?) admin=(?P<admin>\S+)")
@@ -66,13 +67,16 @@ def mail_files(site: Path, user: str = "alice") -> list[str]:
 class ServeProcess:
     """A ``pop3d serve`` process and what it logged."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+    def __init__(
+        self, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, prefix: Sequence[str] = ()
+    ) -> None:
+        """Start ``pop3d serve ARGS``; ``prefix`` goes before the command (``ip netns exec NS``, say)."""
         full_env = dict(os.environ)
         full_env.pop("POP3D_ADMIN_TOKEN", None)
         full_env.update(AS_ROOT)
         full_env.update(env or {})
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pop3d", "serve", *args],
+            [*prefix, sys.executable, "-m", "pop3d", "serve", *args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

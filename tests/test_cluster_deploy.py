@@ -38,6 +38,8 @@ from pop3d.passwords import parse_password
 from pop3d.settings import ServeSettings, env_variable
 
 from .certs import issue
+from .haproxy_server import HAPROXY, running_haproxy, shipped_config
+from .ports import free_port
 from .serve_process import ServeProcess, make_site, serve_args
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,7 +51,6 @@ SETUP = CLUSTER / "setup.sh"
 DOC = ROOT / "docs" / "cluster.md"
 DOC_SECTIONS = ("Behind HAProxy", "Users from PostgreSQL")
 
-HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
 PROMTOOL = shutil.which("promtool")
 IS_ROOT = os.geteuid() == 0
 INSTANCES = ("pop3d-1", "pop3d-2", "pop3d-3")
@@ -229,28 +230,6 @@ def test_setup_makes_a_certificate_and_the_demo_maildir(tmp_path: Path) -> None:
 # -- the real HAProxy in front of three pop3d serve --------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def local_haproxy_cfg(front: int, front_tls: int, instances: list[ServeProcess]) -> str:
-    """``haproxy.cfg`` as shipped, pointed at free loopback ports."""
-    text = HAPROXY_CFG.read_text()
-    text = text.replace("bind :110\n", f"bind 127.0.0.1:{front}\n").replace(
-        "bind :995\n", f"bind 127.0.0.1:{front_tls}\n"
-    )
-    for number, proc in enumerate(instances, start=1):
-        text = text.replace(f"127.0.0.1:110{number}\n", f"127.0.0.1:{proc.pop3['pop3'][1]}\n")
-        text = text.replace(f"127.0.0.1:995{number} ", f"127.0.0.1:{proc.pop3['pop3s'][1]} ")
-        text = text.replace(f"port 110{number}\n", f"port {proc.pop3['pop3'][1]}\n")
-    if not IS_ROOT:
-        text = re.sub(r"^\s+(user|group) haproxy\n", "", text, flags=re.M)
-    assert ":110" not in text and ":995" not in text, text
-    return text
-
-
 @pytest.fixture
 def cluster(tmp_path: Path, tls_ca: trustme.CA) -> Iterator[tuple[list[ServeProcess], int, int, trustme.CA]]:
     if HAPROXY is None:
@@ -279,23 +258,16 @@ def cluster(tmp_path: Path, tls_ca: trustme.CA) -> Iterator[tuple[list[ServeProc
             proc.wait_ready()
         front, front_tls = free_port(), free_port()
         config = tmp_path / "haproxy.cfg"
-        config.write_text(local_haproxy_cfg(front, front_tls, instances))
-        haproxy = subprocess.Popen(
-            [HAPROXY, "-f", str(config), "-db"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        config.write_text(
+            shipped_config(
+                f"127.0.0.1:{front}",
+                f"127.0.0.1:{front_tls}",
+                [f"127.0.0.1:{proc.pop3['pop3'][1]}" for proc in instances],
+                [f"127.0.0.1:{proc.pop3['pop3s'][1]}" for proc in instances],
+            )
         )
-        try:
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", front), timeout=1).close()
-                    break
-                except OSError:
-                    assert time.monotonic() < deadline and haproxy.poll() is None, "haproxy did not start"
-                    time.sleep(0.05)
+        with running_haproxy(config, ("127.0.0.1", front), tmp_path / "haproxy.log"):
             yield instances, front, front_tls, tls_ca
-        finally:
-            haproxy.terminate()
-            haproxy.wait(10)
 
 
 def logged_somewhere(instances: list[ServeProcess], pattern: str, timeout: float = 10) -> None:

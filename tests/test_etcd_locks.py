@@ -12,13 +12,9 @@ from __future__ import annotations
 import itertools
 import os
 import poplib
-import shutil
 import signal
-import socket
-import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -30,70 +26,21 @@ from pop3d.etcd import EtcdGateway, b64
 from pop3d.etcd_locks import GIVE_UP, EtcdLocks
 from pop3d.mailbox_locks import Holder, LockServiceUnavailable
 
+from .etcd_server import ETCD, SKIP_REASON, Etcd, running_etcd
 from .popclient import PopClient
+from .ports import free_port
 from .serve_process import ServeProcess, mail_files, pop3d_cli, serve_args
 
-ETCD = shutil.which("etcd") or ("/usr/bin/etcd" if os.path.exists("/usr/bin/etcd") else None)
-pytestmark = pytest.mark.skipif(ETCD is None, reason="etcd is not installed (Debian: apt-get install etcd-server)")
+pytestmark = pytest.mark.skipif(ETCD is None, reason=SKIP_REASON)
 
 TTL = 2.0
 _prefixes = itertools.count(1)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Etcd:
-    url: str
-    proc: subprocess.Popen[bytes]
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGSTOP)
-
-    def cont(self) -> None:
-        self.proc.send_signal(signal.SIGCONT)
-
-
 @pytest.fixture(scope="module")
 def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Etcd]:
-    assert ETCD is not None
-    data = tmp_path_factory.mktemp("etcd")
-    client, peer = _free_port(), _free_port()
-    url = f"http://127.0.0.1:{client}"
-    proc = subprocess.Popen(
-        [
-            ETCD,
-            "--name=test",
-            f"--data-dir={data / 'data'}",
-            f"--listen-client-urls={url}",
-            f"--advertise-client-urls={url}",
-            f"--listen-peer-urls=http://127.0.0.1:{peer}",
-            f"--initial-advertise-peer-urls=http://127.0.0.1:{peer}",
-            f"--initial-cluster=test=http://127.0.0.1:{peer}",
-            "--log-level=error",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=(data / "log").open("wb"),
-    )
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", client), timeout=1):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("etcd did not start: " + (data / "log").read_text()[-2000:]) from None
-                time.sleep(0.05)
-        yield Etcd(url, proc)
-    finally:
-        proc.send_signal(signal.SIGCONT)
-        proc.kill()
-        proc.wait(10)
+    with running_etcd(tmp_path_factory.mktemp("etcd")) as server:
+        yield server
 
 
 def _prefix() -> str:
@@ -205,7 +152,7 @@ def test_a_holder_killed_frees_its_lock_within_the_ttl_and_loses_no_mail(etcd: E
 
 
 def test_an_unreachable_etcd_is_a_one_line_error_at_start(site: Path) -> None:
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     result = pop3d_cli("serve", *serve_args(site, "--no-admin", "--lock", "etcd", "--etcd", dead))
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()[-1:]
@@ -277,7 +224,7 @@ async def test_the_locks_are_listed_by_instance_and_the_service_fails_over(
     etcd: Etcd, site: Path, nursery: trio.Nursery
 ) -> None:
     # The first endpoint is dead: every call goes on to the second.
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     service = EtcdLocks([dead, etcd.url], ttl=TTL, prefix=_prefix(), instance="one")
     await nursery.start(service.run)
     srv = await _maildir_server(nursery, site, service)
