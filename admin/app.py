@@ -24,7 +24,7 @@ from .routes import EXTENSION, AdminSettings, blueprint
 __all__ = ["create_app"]
 
 
-def create_app(*, token: str | None = None, cors_origins: Iterable[str] = ()) -> QuartTrio:
+def create_app(*, token: str | None = None, cors_origins: Iterable[str] = (), instance: str | None = None) -> QuartTrio:
     """A new admin API app over the server objects of this process.
 
     With ``token``, every endpoint requires ``Authorization: Bearer
@@ -36,12 +36,13 @@ def create_app(*, token: str | None = None, cors_origins: Iterable[str] = ()) ->
 
     ``cors_origins`` (``scheme://host[:port]`` each) lets pages of those web
     origins call the API from a browser: see :func:`admin.access.install_cors`.
-    A bad origin raises :class:`ValueError`.
+    A bad origin raises :class:`ValueError`.  ``instance`` names this process
+    in ``/metrics`` (``pop3d_instance_info``).
     """
     cors = CorsOrigins(cors_origins)  # first: a bad origin fails before anything is built
     app = QuartTrio("pop3d.admin")
     bearer = BearerToken(token) if token else None
-    app.extensions[EXTENSION] = AdminSettings(token=bearer, registry=new_registry())
+    app.extensions[EXTENSION] = AdminSettings(token=bearer, registry=new_registry(instance=instance))
     # A deferred destroy goes on by itself once the server is exiting; its
     # background task need not hold up the API's shutdown.
     app.config["BACKGROUND_TASK_SHUTDOWN_TIMEOUT"] = None

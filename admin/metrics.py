@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from itertools import product
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
@@ -107,10 +107,26 @@ class ServerCollector:
         return [*simple, ended, logins, commands, penalties]
 
 
-def new_registry(servers: Callable[[], Mapping[str, Server]] = pop3d.servers) -> CollectorRegistry:
-    """A registry holding only a :class:`ServerCollector`."""
+def new_registry(
+    servers: Callable[[], Mapping[str, Server]] = pop3d.servers, *, instance: str | None = None
+) -> CollectorRegistry:
+    """A registry holding a :class:`ServerCollector`; with ``instance``, also ``pop3d_instance_info``.
+
+    ``pop3d_instance_info{name="...",version="..."} 1`` names the process
+    (``--instance-name``), so that dashboards over a cluster can tell its
+    instances apart by name, whatever address Prometheus scrapes them at
+    (its own ``instance`` label).
+    """
     registry = CollectorRegistry()
     registry.register(ServerCollector(servers))
+    if instance is not None:
+        info = Gauge(
+            "pop3d_instance_info",
+            "This pop3d process: its instance name and version.",
+            ["name", "version"],
+            registry=registry,
+        )
+        info.labels(name=instance, version=pop3d.__version__).set(1)
     return registry
 
 

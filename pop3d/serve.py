@@ -261,7 +261,11 @@ async def serve(
                 from pop3d.admin.app import create_app
                 from pop3d.admin.serve import serve_admin
 
-                app = create_app(token=token, cors_origins=settings.admin_cors_origin)
+                app = create_app(
+                    token=token,
+                    cors_origins=settings.admin_cors_origin,
+                    instance=settings.instance_name or socket.gethostname(),
+                )
                 live.admin_cors = cors_of(app)
                 admin_url = await nursery.start(_serve_admin, serve_admin, app, admin_bind, shutdown)
             running = Running(servers, admin_url, shutdown)

@@ -528,6 +528,9 @@ def test_a_hundred_clients_fetch_every_message_exactly_once(cluster: Cluster) ->
     served = [after - then for after, then in zip(cluster.logins(), before, strict=True)]
     assert sum(served) == len(clients)
     assert all(served), f"logins per instance: {served}"
+    # Each instance's /metrics names it, for one Prometheus scraping them all.
+    for number, host in enumerate(cluster.hosts):
+        assert f'pop3d_instance_info{{name="{host.name}",' in cluster.admin(number, "/metrics")
 
 
 def test_an_instance_killed_mid_session_loses_no_mail_and_its_lock_frees_within_the_ttl(cluster: Cluster) -> None:
