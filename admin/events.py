@@ -28,7 +28,7 @@ from quart_schema import tag
 
 import pop3d
 from pop3d.changes import changes
-from pop3d.penalties import PenaltyBox
+from pop3d.penalties import distinct_boxes
 from pop3d.server import Server
 
 from .errors import ApiError
@@ -123,21 +123,8 @@ class Snapshot(BaseModel):
     def now(cls) -> Snapshot:
         """The snapshot of this process's servers and penalties now."""
         servers = [ServerView.of(server) for _, server in sorted(pop3d.servers().items())]
-        boxes: dict[int, PenaltyBox] = {}  # pop3d serve shares one box among its servers
-        for server in pop3d.servers().values():
-            if (box := server.options.penalties) is not None:
-                boxes[id(box)] = box
-        penalties = [
-            PenaltyView(
-                kind=entry.kind,
-                key=entry.key,
-                failures=entry.failures,
-                delay=entry.delay,
-                last_failure=datetime.fromtimestamp(entry.last_failure, UTC),
-            )
-            for box in boxes.values()
-            for entry in box.entries()[:MAX_PENALTIES_SHOWN]
-        ]
+        boxes = distinct_boxes(server.options.penalties for server in pop3d.servers().values())
+        penalties = [PenaltyView.of(entry) for box in boxes for entry in box.entries()[:MAX_PENALTIES_SHOWN]]
         penalties.sort(key=lambda view: (-view.failures, view.kind, view.key))
         return cls.model_construct(at=datetime.now(UTC), servers=servers, penalties=penalties[:MAX_PENALTIES_SHOWN])
 

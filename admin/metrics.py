@@ -20,6 +20,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 
 import pop3d
+from pop3d.penalties import distinct_boxes
 from pop3d.sasl import MECHANISMS
 from pop3d.server import Server
 
@@ -100,8 +101,8 @@ class ServerCollector:
             for command, count in sorted(stats.commands.items()):
                 commands.add_metric([name, command], count)
         # A box may serve several servers (pop3d serve shares one): each counts once.
-        boxes = {id(box): box for server in servers.values() if (box := server.options.penalties) is not None}
-        kinds = Counter(entry.kind for box in boxes.values() for entry in box.entries())
+        boxes = distinct_boxes(server.options.penalties for server in servers.values())
+        kinds = Counter(entry.kind for box in boxes for entry in box.entries())
         for kind in ("address", "user"):
             penalties.add_metric([kind], kinds[kind])
         return [*simple, ended, logins, commands, penalties]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import ssl
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import PurePath
 from typing import Annotated, Any, Literal
 
@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from pop3d.options import READ_ONLY, ServerOptions
+from pop3d.penalties import Penalty
 from pop3d.server import Server
 
 __all__ = [
@@ -399,6 +400,17 @@ class PenaltyView(BaseModel):
     failures: int = Field(description="Failed logins in a row, none of them an hour old.")
     delay: float = Field(description="Seconds the next login attempt waits for its answer.")
     last_failure: IsoDatetime
+
+    @classmethod
+    def of(cls, entry: Penalty) -> PenaltyView:
+        """The view of one entry of a :class:`~pop3d.penalties.PenaltyBox`."""
+        return cls(
+            kind=entry.kind,
+            key=entry.key,
+            failures=entry.failures,
+            delay=entry.delay,
+            last_failure=datetime.fromtimestamp(entry.last_failure, UTC),
+        )
 
 
 class PenaltyList(BaseModel):

@@ -13,7 +13,6 @@ import functools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar, cast
 
 import trio
@@ -25,7 +24,7 @@ from quart_trio import QuartTrio
 
 import pop3d
 from pop3d.errors import OptionError
-from pop3d.penalties import PenaltyBox
+from pop3d.penalties import PenaltyBox, distinct_boxes
 from pop3d.server import Server
 
 from .access import BearerToken
@@ -329,13 +328,7 @@ async def readyz() -> tuple[Readiness, int]:
 
 
 def _penalty_boxes() -> list[PenaltyBox]:
-    # pop3d serve shares one box among its servers; count each box once.
-    boxes: dict[int, PenaltyBox] = {}
-    for server in pop3d.servers().values():
-        box = server.options.penalties
-        if box is not None:
-            boxes[id(box)] = box
-    return list(boxes.values())
+    return distinct_boxes(server.options.penalties for server in pop3d.servers().values())
 
 
 @blueprint.get("/penalties")
@@ -345,18 +338,7 @@ async def list_penalties() -> PenaltyList:
     """Every penalised client address and user name, worst first."""
     entries = [entry for box in _penalty_boxes() for entry in box.entries()]
     entries.sort(key=lambda entry: (-entry.failures, entry.kind, entry.key))
-    return PenaltyList(
-        penalties=[
-            PenaltyView(
-                kind=entry.kind,
-                key=entry.key,
-                failures=entry.failures,
-                delay=entry.delay,
-                last_failure=datetime.fromtimestamp(entry.last_failure, UTC),
-            )
-            for entry in entries
-        ]
-    )
+    return PenaltyList(penalties=[PenaltyView.of(entry) for entry in entries])
 
 
 async def _clear_penalty(kind: Literal["address", "user"], key: str) -> Response:

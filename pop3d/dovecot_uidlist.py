@@ -63,10 +63,10 @@ import errno
 import hashlib
 import logging
 import os
-import stat
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from .maildir_files import RefusedFile, read_small
 from .protocol import valid_uid
 
 __all__ = [
@@ -509,20 +509,10 @@ def uidls(uidlist: Uidlist, fmt: UidlFormat) -> tuple[dict[str, str], int]:
 
 
 def _read(dir_fd: int) -> bytes:
-    # Never through a symlink, never a FIFO (it would block), never a giant.
-    fd = os.open(UIDLIST_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise UidlistError("not a regular file")
-        if st.st_size > MAX_UIDLIST_SIZE:
-            raise UidlistError(f"larger than {MAX_UIDLIST_SIZE} bytes")
-        chunks = []
-        while chunk := os.read(fd, max(st.st_size + 1, 65536)):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
+        return read_small(dir_fd, UIDLIST_NAME, MAX_UIDLIST_SIZE)
+    except RefusedFile as exc:
+        raise UidlistError(str(exc)) from None
 
 
 def load(dir_fd: int, where: str) -> Uidlist | None:

@@ -20,15 +20,14 @@ UIDL valid (RFC 1939) and unique.  Anything else and it is rebuilt.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import re
-import stat
 from array import array
 from collections.abc import Sequence
 from typing import overload
+
+from .maildir_files import read_small, replace
 
 __all__ = [
     "FORMAT",
@@ -167,20 +166,7 @@ class _Uids(Sequence[str]):
 
 
 def _read_file(dir_fd: int) -> bytes:
-    # No symlinks (to /dev/zero, say), no FIFOs (which would block a worker thread forever), no giants.
-    fd = os.open(INDEX_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ValueError("not a regular file")
-        if st.st_size > MAX_INDEX_SIZE:
-            raise ValueError(f"larger than {MAX_INDEX_SIZE} bytes")
-        chunks = []
-        while chunk := os.read(fd, max(st.st_size + 1, 65536)):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
+    return read_small(dir_fd, INDEX_NAME, MAX_INDEX_SIZE)
 
 
 def _ints(column: object, low: int, high: int) -> bool:
@@ -275,7 +261,6 @@ def trusted_times(times: DirTimes, taken: int) -> DirTimes:
 
 def write(dir_fd: int, where: str, listing: Listing, times: DirTimes) -> None:
     """Replace the index atomically; a failure only costs a rebuild later (logged)."""
-    tmp = INDEX_NAME + ".tmp"
     doc = {
         "format": FORMAT,
         "dirs": times,
@@ -290,23 +275,9 @@ def write(dir_fd: int, where: str, listing: Listing, times: DirTimes) -> None:
     }
     data = json.dumps(doc, separators=(",", ":")).encode()
     try:
-        # The caller holds the lock, so a leftover temp file is from a crash: reuse its name.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp, dir_fd=dir_fd)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(tmp, flags, 0o600, dir_fd=dir_fd)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, INDEX_NAME, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        replace(dir_fd, INDEX_NAME, data, mode=0o600)
     except OSError as exc:
         log.warning("maildir %s: cannot write index: %s", where, exc)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp, dir_fd=dir_fd)
 
 
 def forget(dir_fd: int, where: str, uniques: set[str]) -> bool:

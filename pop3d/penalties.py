@@ -19,13 +19,13 @@ import functools
 import ipaddress
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
 from .changes import notify
 
-__all__ = ["DEFAULT_MAX_DELAY", "Penalty", "PenaltyBox", "address_key"]
+__all__ = ["DEFAULT_MAX_DELAY", "Penalty", "PenaltyBox", "address_key", "distinct_boxes"]
 
 DEFAULT_MAX_DELAY = 15.0
 FIRST_DELAY = 2.0
@@ -211,3 +211,8 @@ class PenaltyBox:
                 if now - entry.last < self.decay:
                     break
                 del table[key]
+
+
+def distinct_boxes(boxes: Iterable[PenaltyBox | None]) -> list[PenaltyBox]:
+    """Each box once, in order: ``pop3d serve`` shares one box among its servers, and each counts once."""
+    return list({id(box): box for box in boxes if box is not None}.values())

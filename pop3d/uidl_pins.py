@@ -34,10 +34,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import stat
 from collections.abc import Iterator, Mapping
 
 from . import maildir_index
+from .maildir_files import RefusedFile, read_small, replace
 from .maildir_index import LOCK_NAME
 from .protocol import valid_uid
 
@@ -102,21 +102,12 @@ def read(dir_fd: int) -> dict[str, str]:
     Other :class:`OSError` (no permission...) are raised as they are.
     """
     try:
-        fd = os.open(PINS_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+        data = read_small(dir_fd, PINS_NAME, MAX_PINS_SIZE)
     except FileNotFoundError:
         return {}
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise PinsError(f"{PINS_NAME} is not a regular file")
-        if st.st_size > MAX_PINS_SIZE:
-            raise PinsError(f"{PINS_NAME} is larger than {MAX_PINS_SIZE} bytes")
-        chunks = []
-        while chunk := os.read(fd, max(st.st_size + 1, 65536)):
-            chunks.append(chunk)
-    finally:
-        os.close(fd)
-    return _parse(b"".join(chunks))
+    except RefusedFile as exc:
+        raise PinsError(str(exc)) from None
+    return _parse(data)
 
 
 def load(maildir_path: str | os.PathLike[str]) -> dict[str, str]:
@@ -209,23 +200,5 @@ def _write(dir_fd: int, pins: Mapping[str, str]) -> None:
     lines = [_HEADER]
     lines.extend(uid.encode("ascii") + b" " + os.fsencode(unique) + b"\n" for unique, uid in pins.items())
     data = b"".join(lines)
-    tmp = PINS_NAME + ".tmp"
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp, dir_fd=dir_fd)  # a leftover of a crash: we hold the lock
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
-    try:
-        try:
-            if os.geteuid() == 0:
-                st = os.fstat(dir_fd)
-                os.fchown(fd, st.st_uid, st.st_gid)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, PINS_NAME, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp, dir_fd=dir_fd)
-        raise
+    # Given to the mail's owner: pop3d may serve the Maildir as that user later.
+    replace(dir_fd, PINS_NAME, data, mode=0o644, owner_of_dir=True)
