@@ -11,7 +11,7 @@ missing (CI installs the ``chromium`` Debian package).
 from __future__ import annotations
 
 import functools
-import shutil
+import os
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -23,12 +23,10 @@ from pop3d.admin import create_app, serve_admin
 
 import pop3d
 
-playwright_sync = pytest.importorskip(
-    "playwright.sync_api", reason="playwright is not installed (pip install -e .[test])"
-)
+from .browser import MISSING, offline_chromium
 
-CHROMIUM = next((path for name in ("chromium", "chromium-browser") if (path := shutil.which(name))), None)
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian: apt-get install chromium)")
+# Where CI is set, offline_chromium fails the test instead.
+pytestmark = pytest.mark.skipif(MISSING is not None and not os.environ.get("CI"), reason=str(MISSING))
 
 TOKEN = "docs-page-token-5e1d"
 TIMEOUT_MS = 20_000
@@ -74,46 +72,36 @@ async def serving(token: str | None, browse: Callable[[str], Visit]) -> Visit:
 
 def visit(url: str, *, token: str | None = None) -> Visit:
     """Open ``url``/docs in headless Chromium, offline but for ``url``; with ``token``, use it in the page."""
-    assert CHROMIUM is not None
     refused: list[str] = []
     failed: list[str] = []
     statuses: dict[str, int] = {}
-    with playwright_sync.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            headless=True,
-            # Belt and braces: no name resolves but loopback, and no proxy is looked for.
-            args=["--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1", "--no-proxy-server"],
-        )
-        try:
-            page = browser.new_page()
-            page.set_default_timeout(TIMEOUT_MS)
+    with offline_chromium() as browser:
+        page = browser.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
 
-            def route(route: Any) -> None:
-                if route.request.url.startswith(url + "/"):
-                    route.continue_()
-                else:
-                    refused.append(route.request.url)
-                    route.abort()
+        def route(route: Any) -> None:
+            if route.request.url.startswith(url + "/"):
+                route.continue_()
+            else:
+                refused.append(route.request.url)
+                route.abort()
 
-            page.route("**/*", route)
-            page.on("requestfailed", lambda request: failed.append(request.url))
-            page.on("response", lambda response: statuses.__setitem__(response.url.removeprefix(url), response.status))
-            page.goto(f"{url}/docs", wait_until="load")
-            page.wait_for_selector(".opblock-summary-path", state="attached")
-            operations = [
-                " ".join(text.split())
-                for text in page.locator(".opblock-summary-method, .opblock-summary-path").all_inner_texts()
-            ]
-            pairs = [f"{method} {path}" for method, path in zip(operations[::2], operations[1::2], strict=True)]
-            title = page.locator(".info .title").inner_text()
-            authorize = page.locator("button.authorize").count() > 0
-            seen = Visit(pairs, title, authorize, refused, failed, statuses)
-            if token is not None:
-                seen.tried = try_list_servers(page, token)
-            return seen
-        finally:
-            browser.close()
+        page.route("**/*", route)
+        page.on("requestfailed", lambda request: failed.append(request.url))
+        page.on("response", lambda response: statuses.__setitem__(response.url.removeprefix(url), response.status))
+        page.goto(f"{url}/docs", wait_until="load")
+        page.wait_for_selector(".opblock-summary-path", state="attached")
+        operations = [
+            " ".join(text.split())
+            for text in page.locator(".opblock-summary-method, .opblock-summary-path").all_inner_texts()
+        ]
+        pairs = [f"{method} {path}" for method, path in zip(operations[::2], operations[1::2], strict=True)]
+        title = page.locator(".info .title").inner_text()
+        authorize = page.locator("button.authorize").count() > 0
+        seen = Visit(pairs, title, authorize, refused, failed, statuses)
+        if token is not None:
+            seen.tried = try_list_servers(page, token)
+        return seen
 
 
 def try_list_servers(page: Any, token: str) -> dict[str, Any]:

@@ -19,7 +19,6 @@ import json
 import os
 import poplib
 import re
-import shutil
 import socket
 import threading
 import time
@@ -34,20 +33,10 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from .browser import MISSING, offline_chromium, playwright_sync
 from .serve_process import ServeProcess, mail_files, make_site, serve_args
 
-try:
-    from playwright import sync_api as playwright_sync
-except ImportError:  # pragma: no cover - depends on the machine
-    playwright_sync = None  # type: ignore[assignment]
-
-CHROMIUM = next((path for name in ("chromium", "chromium-browser") if (path := shutil.which(name))), None)
-if playwright_sync is None:
-    MISSING: str | None = "playwright is not installed (pip install -e .[test])"
-elif CHROMIUM is None:
-    MISSING = "Chromium is not installed (Debian: apt-get install chromium)"
-else:
-    MISSING = None
+if MISSING is None:
     expect = playwright_sync.expect
 
 TOKEN = "ui-token-3f9a7c"
@@ -105,21 +94,8 @@ def proc(site: Path) -> Iterator[ServeProcess]:
 
 @pytest.fixture(scope="module")
 def chromium() -> Iterator[Any]:
-    if MISSING is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{MISSING}; CI is set, so the browser tests must run")
-        pytest.skip(MISSING)
-    assert playwright_sync is not None
-    with playwright_sync.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            headless=True,
-            args=["--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1", "--no-proxy-server"],
-        )
-        try:
-            yield browser
-        finally:
-            browser.close()
+    with offline_chromium() as browser:
+        yield browser
 
 
 @pytest.fixture
