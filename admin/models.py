@@ -413,6 +413,26 @@ class PenaltyView(BaseModel):
         )
 
 
+class UidlView(BaseModel):
+    """One message of a mailbox: its UIDL and where that comes from."""
+
+    number: int = Field(description="Its message number in a POP3 session (1-based).")
+    uidl: str
+    source: Literal["maildir", "dovecot", "imported", "hashed"] = Field(
+        description="maildir: the file's unique name; dovecot: dovecot-uidlist; imported: pop3d uidl import; "
+        "hashed: pop3d's own, derived where the name could not serve."
+    )
+    file: str = Field(description="cur/NAME or new/NAME, relative to the Maildir.")
+    size: int = Field(description="Octets as POP3 sends the message (CRLF line ends).")
+
+
+class UidlList(BaseModel):
+    """A mailbox's messages and their UIDLs, as the next login would see them."""
+
+    mailbox: str
+    messages: list[UidlView]
+
+
 class PenaltyList(BaseModel):
     """Every live penalty, worst first."""
 

@@ -57,7 +57,7 @@ ERROR_DESCRIPTIONS = {
     404: "No such server, connection, option or penalty (not_found).",
     409: (
         "The server's state forbids it (conflict): exiting, destroyed, not running, its port is taken, "
-        "or implicit_tls without a certificate."
+        "implicit_tls without a certificate, or a mailbox the storage cannot serve."
     ),
     422: "A bad body or query parameter (invalid); fields names each bad one.",
     429: "Too many at once (too_many): as many event streams are open as the API serves.",

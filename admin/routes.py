@@ -23,6 +23,7 @@ from quart_schema import security_scheme, tag, validate_querystring, validate_re
 from quart_trio import QuartTrio
 
 import pop3d
+from pop3d.callbacks import MailboxUnavailable
 from pop3d.errors import OptionError
 from pop3d.penalties import PenaltyBox, distinct_boxes
 from pop3d.server import Server
@@ -49,6 +50,8 @@ from .models import (
     Readiness,
     ServerList,
     ServerSummary,
+    UidlList,
+    UidlView,
     describe,
 )
 from .openapi import body_required, errors, no_content, text_content
@@ -282,6 +285,32 @@ async def close_connection(name: str, conn_id: str, query_args: KickQuery) -> Re
     response = current_app.response_class(status=204)
     del response.headers["Content-Type"]  # no body, so no type (not text/html)
     return response
+
+
+@blueprint.get("/servers/<name>/mailboxes/<mailbox>/uidls")
+@tag(["connections"])
+@errors(404, 409, 422)
+@validate_response(UidlList)
+async def mailbox_uidls(name: str, mailbox: str) -> UidlList:
+    """A mailbox's UIDLs and where each comes from: Maildir name, Dovecot, imported (``pop3d uidl show``).
+
+    404 if the server's storage cannot say (only the Maildir storage can);
+    422 for a mailbox name the storage refuses.
+    """
+    storage = _server(name).options.storage
+    report = getattr(storage, "uidl_report", None)
+    if report is None:
+        raise ApiError(404, f"server {name!r}'s storage does not report where UIDLs come from")
+    try:
+        entries = await report(mailbox)
+    except ValueError as exc:
+        raise ApiError(422, str(exc)) from None
+    except MailboxUnavailable as exc:
+        raise ApiError(409, str(exc)) from None
+    return UidlList(
+        mailbox=mailbox,
+        messages=[UidlView(number=e.number, uidl=e.uidl, source=e.source, file=e.file, size=e.size) for e in entries],
+    )
 
 
 # -- monitoring -------------------------------------------------------------

@@ -95,8 +95,6 @@ MAX_UIDLIST_SIZE = 256 * 1024 * 1024
 
 # What is there is not a dovecot-uidlist (a symlink, a directory): like a damaged file.
 _NOT_A_FILE = frozenset({errno.ELOOP, errno.EISDIR, errno.ENXIO})
-_WARNED_MAX = 10000
-_warned: set[str] = set()  # Maildirs whose damaged uidlist was logged (again only after it read fine)
 _UID_MAX = 2**32 - 1  # Dovecot: a UID of (uint32_t)-1 or more is corrupt
 
 
@@ -518,36 +516,19 @@ def _read(dir_fd: int) -> bytes:
 def load(dir_fd: int, where: str) -> Uidlist | None:
     """The ``dovecot-uidlist`` of the Maildir open at ``dir_fd``; ``None`` if it has none.
 
-    A file that cannot be read or parsed counts as none, with one warning
-    naming ``where`` (the Maildir), logged again only after the file was
-    fine once.  Faults of the process (too many open
-    files) are raised.
+    A file that is there but damaged (cannot be parsed, a symlink, a FIFO, a
+    directory, too large) raises :class:`UidlistError`: serving without
+    Dovecot's UIDLs would give its messages new ones, and those would stick
+    in pop3d's index.  Other :class:`OSError` (no permission) are raised too.
     """
     try:
-        uidlist = parse(_read(dir_fd))
+        return parse(_read(dir_fd))
     except FileNotFoundError:
-        _warned.discard(where)
-        return None
-    except UidlistError as exc:
-        _warn(where, str(exc))
         return None
     except OSError as exc:
-        if exc.errno not in _NOT_A_FILE:
-            raise  # no permission, an I/O error: not the file's fault, and not to be taken as "no UIDLs"
-        _warn(where, exc.strerror or str(exc))
-        return None
-    _warned.discard(where)
-    return uidlist
-
-
-def _warn(where: str, why: str) -> None:
-    # One line per damaged file, not one per login that reads it.
-    if where in _warned:
-        return
-    if len(_warned) >= _WARNED_MAX:
-        _warned.clear()
-    _warned.add(where)
-    log.warning("maildir %s: %s ignored, no Dovecot UIDLs: %s", where, UIDLIST_NAME, why)
+        if exc.errno in _NOT_A_FILE:
+            raise UidlistError(exc.strerror or str(exc)) from None
+        raise
 
 
 def read_uidls(dir_fd: int, where: str, fmt: UidlFormat) -> dict[str, str]:

@@ -64,6 +64,7 @@ import trio
 from . import dovecot_uidlist, maildir_index, uidl_pins
 from .callbacks import MailboxUnavailable, MessageData
 from .dovecot_uidlist import DEFAULT_FORMAT, UidlFormat
+from .maildir_files import give_to_mail_owner
 from .maildir_index import INDEX_NAME, LOCK_NAME, DirTimes, Listing, unique_name
 from .protocol import valid_uid
 
@@ -432,10 +433,9 @@ class _UidlSources:
     def read(cls, dirs: _Dirs) -> _UidlSources:
         """The pins and Dovecot's UIDLs of the open Maildir.
 
-        :class:`MailboxUnavailable` for damaged pins or either file that
-        cannot be read (no permission): serving without them would give
-        the messages UIDLs that stick.  A damaged ``dovecot-uidlist`` only
-        means no Dovecot UIDLs (logged).
+        :class:`MailboxUnavailable` for either file damaged or unreadable
+        (no permission): serving without them would give the messages UIDLs
+        that stick in the index.
         """
         try:
             pins = uidl_pins.read(dirs.fd)
@@ -451,6 +451,11 @@ class _UidlSources:
         fmt = dirs.dovecot_format
         try:
             dovecot = {} if fmt is None else dovecot_uidlist.read_uidls(dirs.fd, dirs.path, fmt)
+        except dovecot_uidlist.UidlistError as exc:
+            where = os.path.join(dirs.path, dovecot_uidlist.UIDLIST_NAME)
+            raise MailboxUnavailable(
+                f"{_shown(where)}: damaged ({exc}): repair or remove it, or set dovecot-uidl-format to none"
+            ) from None
         except OSError as exc:
             if exc.errno in _PASSING_ERRNOS:
                 raise
@@ -614,6 +619,7 @@ def _open_maildrop(path: str, dovecot_format: UidlFormat | None = None) -> _Mail
             if exc.errno in _PERMANENT_ERRNOS:
                 raise _unavailable(os.path.join(path, LOCK_NAME), exc, "a regular file") from None
             raise
+        give_to_mail_owner(fd, dirs.fd)  # served as root now (--allow-root), as the mail's owner later
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -15,7 +15,7 @@ import errno
 import os
 import stat
 
-__all__ = ["RefusedFile", "read_small", "replace"]
+__all__ = ["RefusedFile", "give_to_mail_owner", "read_small", "replace"]
 
 _OPEN_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -52,12 +52,24 @@ def read_small(dir_fd: int, name: str, limit: int) -> bytes:
         os.close(fd)
 
 
-def replace(dir_fd: int, name: str, data: bytes, *, mode: int, owner_of_dir: bool = False) -> None:
+def give_to_mail_owner(fd: int, dir_fd: int) -> None:
+    """Running as root, make the file open at ``fd`` belong to the owner of the directory ``dir_fd``.
+
+    Files pop3d makes beside the mail (lock, index, pins) must stay usable
+    when pop3d later serves that Maildir as the mail's owner (``--user``),
+    after a run as root (``pop3d uidl import``, ``--allow-root``).
+    """
+    if os.geteuid() == 0:
+        st = os.fstat(dir_fd)
+        os.fchown(fd, st.st_uid, st.st_gid)
+
+
+def replace(dir_fd: int, name: str, data: bytes, *, mode: int, owner_of_dir: bool = True) -> None:
     """Make file ``name`` in the directory ``dir_fd`` hold ``data``, atomically.
 
     The caller holds the Maildir's lock, so a leftover ``name.tmp`` is from a
     crash and is reused.  ``owner_of_dir``: when running as root, give the
-    file to the directory's owner (the mail's), not to root.  Raises
+    file to the directory's owner (the mail's, see :func:`give_to_mail_owner`).  Raises
     :class:`OSError`; the temporary file is removed then.
     """
     tmp = name + ".tmp"
@@ -66,9 +78,8 @@ def replace(dir_fd: int, name: str, data: bytes, *, mode: int, owner_of_dir: boo
     fd = os.open(tmp, _OPEN_NEW, mode, dir_fd=dir_fd)
     try:
         try:
-            if owner_of_dir and os.geteuid() == 0:
-                st = os.fstat(dir_fd)
-                os.fchown(fd, st.st_uid, st.st_gid)
+            if owner_of_dir:
+                give_to_mail_owner(fd, dir_fd)
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]

@@ -37,7 +37,7 @@ import os
 from collections.abc import Iterator, Mapping
 
 from . import maildir_index
-from .maildir_files import RefusedFile, read_small, replace
+from .maildir_files import RefusedFile, give_to_mail_owner, read_small, replace
 from .maildir_index import LOCK_NAME
 from .protocol import valid_uid
 
@@ -147,6 +147,7 @@ def _locked(dir_fd: int, where: str) -> Iterator[None]:
     """Hold the Maildir's session lock, or raise :class:`MaildirLocked`."""
     fd = os.open(LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
     try:
+        give_to_mail_owner(fd, dir_fd)  # run as root, the import must not lock pop3d out
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -18,6 +18,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -765,3 +766,34 @@ async def test_serve_admin_with_hypercorn(server: pop3d.Server, caplog: pytest.L
     access = [r.getMessage() for r in caplog.records if r.name == "pop3d.admin" and " GET /" in r.getMessage()]
     assert len(access) == 3, access
     assert access[0].startswith("127.0.0.1:") and " GET /servers 200 " in access[0]
+
+
+async def test_a_mailboxs_uidls_and_where_they_come_from(client: Client, server: pop3d.Server, tmp_path: Path) -> None:
+    from pop3d import uidl_pins
+
+    box = tmp_path / "alice"
+    for sub in ("cur", "new", "tmp"):
+        (box / sub).mkdir(parents=True)
+    (box / "new" / "1700000001.M1P1.test").write_bytes(b"Subject: one\n\nbody\n")
+    (box / "new" / "1700000002.M2P1.test").write_bytes(b"Subject: two\n\nbody\n")
+    uidl_pins.save(box, {"1700000001.M1P1.test": "OLD-SERVER-1"})
+    # The in-memory storage cannot say: a 404 that says so.
+    body = await assert_error(await client.get(f"/servers/{server.name}/mailboxes/alice/uidls"), 404, "not_found")
+    assert "does not report" in body["detail"]
+    server.configure(storage=pop3d.MaildirStorage(tmp_path))
+    listing = await get_json(client, f"/servers/{server.name}/mailboxes/alice/uidls")
+    assert listing == {
+        "mailbox": "alice",
+        "messages": [
+            {"number": 1, "uidl": "OLD-SERVER-1", "source": "imported", "file": "new/1700000001.M1P1.test", "size": 22},
+            {
+                "number": 2,
+                "uidl": "1700000002.M2P1.test",
+                "source": "maildir",
+                "file": "new/1700000002.M2P1.test",
+                "size": 22,
+            },
+        ],
+    }
+    await assert_error(await client.get(f"/servers/{server.name}/mailboxes/.hidden/uidls"), 422, "invalid")
+    await assert_error(await client.get("/servers/nope/mailboxes/alice/uidls"), 404, "not_found")

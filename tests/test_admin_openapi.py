@@ -154,7 +154,7 @@ async def test_every_operation_declares_what_it_can_answer(serve: Serve) -> None
     assert set(error["required"]) == {"error", "detail"}
     assert "FieldError" in spec["components"]["schemas"]
     ops = operations(spec)
-    assert len(ops) == 19
+    assert len(ops) == 20
     for method, path, op in ops:
         responses = op["responses"]
         where = f"{method} {path}: {sorted(responses)}"

@@ -103,7 +103,7 @@ async def login(server: pop3d.Server) -> PopClient:
 
 
 @pytest.fixture
-async def start(nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Start]:
+async def start(nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> AsyncIterator[Start]:
     """Starts ``pop3`` and ``scratch``, each with a session, and the admin API; stops them after the test."""
     monkeypatch.setattr(pop3d.server, "open_listeners", loopback_listeners)
     made: list[pop3d.Server] = []
@@ -116,8 +116,14 @@ async def start(nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch) -> Async
         for name in ("pop3", "scratch"):
             server = pop3d.new(name)
             made.append(server)
-            # A mailbox each: one server's session would lock the other's out.
-            storage = pop3d.MemoryStorage({"alice": [b"Subject: one\n\nfirst\n"]})
+            # A mailbox each: one server's session would lock the other's out.  pop3's is a real
+            # Maildir, so that its UIDL report has something to say; scratch's is in memory.
+            storage: pop3d.Storage = pop3d.MemoryStorage({"alice": [b"Subject: one\n\nfirst\n"]})
+            if name == "pop3":
+                for sub in ("cur", "new", "tmp"):
+                    (tmp_path / "alice" / sub).mkdir(parents=True)
+                (tmp_path / "alice" / "new" / "1700000001.M1P1.test").write_bytes(b"Subject: one\n\nfirst\n")
+                storage = pop3d.MaildirStorage(tmp_path)
             server.configure(host="127.0.0.1", port=0, hostname="test.example", auth=users, storage=storage)
             await nursery.start(server.run)
             await server.up()

@@ -6,7 +6,6 @@ same formats against the real Dovecot.
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -145,24 +144,25 @@ def test_duplicates_are_renamed_and_invalid_uidls_left_out() -> None:
     assert (found, invalid) == ({}, 1)
 
 
-def test_load_logs_a_damaged_file_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_damaged_file_is_an_error_not_an_empty_list(tmp_path: Path) -> None:
+    # Taken for "no UIDLs", a damaged file would give Dovecot's messages new UIDLs that stick.
     fmt = UidlFormat("%u")
     fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        assert dovecot_uidlist.read_uidls(fd, "box", fmt) == {}  # none: no log
+        assert dovecot_uidlist.read_uidls(fd, "box", fmt) == {}  # none at all: fine
         (tmp_path / "dovecot-uidlist").write_bytes(b"nonsense\n")
-        with caplog.at_level(logging.WARNING, logger="pop3d.maildir"):
-            assert dovecot_uidlist.read_uidls(fd, "box", fmt) == {}
-            assert dovecot_uidlist.read_uidls(fd, "box", fmt) == {}
-        assert len([r for r in caplog.records if "dovecot-uidlist" in r.getMessage()]) == 1
+        with pytest.raises(UidlistError):
+            dovecot_uidlist.read_uidls(fd, "box", fmt)
         (tmp_path / "dovecot-uidlist").write_bytes(b"3 V1 N3\n2 :a\n")
         assert dovecot_uidlist.read_uidls(fd, "box", fmt) == {"a": "2"}
         (tmp_path / "dovecot-uidlist").unlink()
         os.mkfifo(tmp_path / "dovecot-uidlist")  # must not block
-        assert dovecot_uidlist.read_uidls(fd, "box", fmt) == {}
+        with pytest.raises(UidlistError, match="not a regular file"):
+            dovecot_uidlist.read_uidls(fd, "box", fmt)
         (tmp_path / "dovecot-uidlist").unlink()
         (tmp_path / "dovecot-uidlist").symlink_to("/etc/passwd")
-        assert dovecot_uidlist.read_uidls(fd, "box", fmt) == {}
+        with pytest.raises(UidlistError, match="symlink"):
+            dovecot_uidlist.read_uidls(fd, "box", fmt)
     finally:
         os.close(fd)
 

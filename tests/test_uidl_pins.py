@@ -172,3 +172,20 @@ async def test_damaged_pins_refuse_the_mailbox_when_needed(tmp_path: Path) -> No
         uidl_pins.save(box, {unique_name(2): "P2"})
         assert not (box / INDEX_NAME).exists()
         assert (await session(storage))[1] == [unique_name(1), "P2"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="files made as root: root only (CI runs as root)")
+async def test_files_made_as_root_belong_to_the_mails_owner(tmp_path: Path) -> None:
+    # pop3d uidl import runs as root; pop3d serve then serves the Maildir as its owner (--user).
+    box = make_maildir(tmp_path)
+    [first] = names(1)
+    deliver(box, b"Subject: x\n\nbody\n", first)
+    nobody = 65534
+    for path in (box, *box.iterdir(), *(box / "new").iterdir()):
+        os.chown(path, nobody, nobody)
+    uidl_pins.save(box, {first: "OLD-1"})
+    with trio.fail_after(10):
+        assert (await session(MaildirStorage(tmp_path)))[1] == ["OLD-1"]
+    for name in (LOCK_NAME, uidl_pins.PINS_NAME, INDEX_NAME):
+        st = (box / name).stat()
+        assert (st.st_uid, st.st_gid) == (nobody, nobody), name
