@@ -134,6 +134,10 @@ class SqlPassdb:
         # Nor would a query on a connection whose path went silent (a partition) end
         # before TCP gives up, in minutes: drop it once sent data is unacknowledged this long.
         params.setdefault("tcp_user_timeout", str(round(timeout * 1000)))
+        # And a query held up by a lock on the table would hold its pool slot for ever.
+        options = str(params.get("options") or "")
+        if "statement_timeout" not in options:
+            params["options"] = f"{options} -c statement_timeout={round(timeout * 1000)}".strip()
         params.setdefault("application_name", "pop3d")
         self._conninfo = make_conninfo(**{**params, **extra})
         self.query = query
@@ -218,8 +222,14 @@ class SqlPassdb:
         if not valid_user_name(name):
             return None
         # A cancel need not wait for the database: the thread keeps its
-        # limiter slot until the query or the pool's timeout ends it.
-        row = await trio.to_thread.run_sync(self._fetch, name, limiter=self._limiter, abandon_on_cancel=True)
+        # limiter slot until the query or the pool's timeout ends it.  The
+        # whole lookup, the wait for a slot included, is bounded: while the
+        # database is down, logins queue behind pool_size slow ones, and each
+        # must get its [SYS/TEMP] within timeout, not after the queue.
+        with trio.move_on_after(self.timeout) as waited:
+            row = await trio.to_thread.run_sync(self._fetch, name, limiter=self._limiter, abandon_on_cancel=True)
+        if waited.cancelled_caught:
+            raise PassdbUnavailable(f"passdb-sql {self._public}: no answer within {self.timeout:g} s")
         if row is None:
             return None
         secret, mailbox = row

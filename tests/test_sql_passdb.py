@@ -218,6 +218,29 @@ async def test_database_down_mid_run(postgres: Postgres, maildirs: Path) -> None
                 await trio.to_thread.run_sync(scenario, server.cget("port"))
 
 
+async def test_while_the_database_is_down_every_lookup_fails_within_the_timeout(postgres: Postgres) -> None:
+    # Twelve at once through a pool of two: without a bound on the queue, the
+    # last ones would wait for three rounds of the pool's timeout.
+    postgres.stop()
+    try:
+        with trio.fail_after(30), passdb(postgres, timeout=1.0, pool_size=2) as auth:
+            waited: list[float] = []
+
+            async def one(name: str) -> None:
+                started = trio.current_time()
+                with pytest.raises(PassdbUnavailable):
+                    await auth.lookup(name)
+                waited.append(trio.current_time() - started)
+
+            async with trio.open_nursery() as nursery:
+                for number in range(12):
+                    nursery.start_soon(one, f"user{number}")
+            assert len(waited) == 12
+            assert max(waited) < 1.0 + 0.5, waited
+    finally:
+        postgres.start()
+
+
 # -- lookups ---------------------------------------------------------------------
 
 
