@@ -97,20 +97,29 @@ class EtcdGateway:
         """The endpoint tried first."""
         return self.endpoints[self._current]
 
-    async def call(self, path: str, body: dict[str, Any], *, per_try: float) -> dict[str, Any]:
+    async def call(
+        self, path: str, body: dict[str, Any], *, per_try: float, failed_tries: list[str] | None = None
+    ) -> dict[str, Any]:
         """POST ``body`` to ``path`` and return the answer; each endpoint gets ``per_try`` seconds.
 
         Raises :class:`EtcdError` for etcd's own errors (a lease not found...)
-        and :class:`EtcdUnavailable` when no endpoint answered.
+        and :class:`EtcdUnavailable` when no endpoint answered.  An answer that
+        is not what etcd sends (not JSON, a code that is not a number) is the
+        endpoint's failure, as if it had not answered.
+
+        ``failed_tries``, if given, gets a line for each try that failed before
+        the one that answered: such a try may still have been applied (sent,
+        and the answer lost or late), so a request that is not idempotent
+        has an outcome the answer alone does not tell.
         """
         payload = json.dumps(body).encode()
-        problems = []
+        problems = failed_tries if failed_tries is not None else []
         count = len(self.endpoints)
         for step in range(count):
             index = (self._current + step) % count
             with trio.move_on_after(per_try) as scope:
                 try:
-                    status, answer = await self._post(index, path, payload)
+                    status, answer = await self._post(index, path, payload, problems)
                 except (OSError, h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     problems.append(f"{self.endpoints[index]}: {_reason(exc)}")
                     continue
@@ -126,7 +135,11 @@ class EtcdGateway:
                 result = answer.get("result", answer) if path.endswith("/keepalive") else answer
                 return result if isinstance(result, dict) else {}
             details = error if isinstance(error, dict) else {}
-            code = int(answer.get("code") or details.get("grpc_code") or 2)
+            try:
+                code = int(answer.get("code") or details.get("grpc_code") or 2)
+            except (TypeError, ValueError):
+                problems.append(f"{self.endpoints[index]}: bad answer: HTTP {status}, code {answer.get('code')!r}")
+                continue
             message = str(answer.get("message") or details.get("message") or error or "")
             if code in _TRY_ANOTHER or (status >= 500 and code not in (5, 9)):
                 problems.append(f"{self.endpoints[index]}: {message or f'HTTP {status}'}")
@@ -135,15 +148,16 @@ class EtcdGateway:
             raise EtcdError(code, message or f"HTTP {status}")
         raise EtcdUnavailable("; ".join(problems))
 
-    async def _post(self, index: int, path: str, payload: bytes) -> tuple[int, dict[str, Any]]:
+    async def _post(self, index: int, path: str, payload: bytes, problems: list[str]) -> tuple[int, dict[str, Any]]:
         host, port = self._addresses[index]
         idle = self._idle[index]
         conn = idle.pop() if idle else None
         if conn is not None:
             try:
                 return await self._exchange(index, conn, host, port, path, payload)
-            except (OSError, h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
-                pass  # the server closed an idle connection: once more on a new one
+            except (OSError, h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                # The server closed an idle connection: once more on a new one (the request may have got there).
+                problems.append(f"{self.endpoints[index]}: idle connection failed: {_reason(exc)}")
         stream = await trio.open_tcp_stream(host, port)
         return await self._exchange(index, _Connection(stream), host, port, path, payload)
 

@@ -20,16 +20,19 @@ Giving up in time
     ttl * GIVE_UP``, a margin before it can expire, and then ends every
     session holding a lock, which applies no deletions.  A process paused
     past that point finds the lease lost as soon as it runs again, before
-    it does anything else with it.  Then a new lease is granted as soon as
-    etcd answers.
+    it does anything else with it (a suspended machine too: the deadline is
+    checked on ``CLOCK_BOOTTIME`` as well as Trio's monotonic clock).  Then
+    a new lease is granted as soon as etcd answers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import socket
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -53,26 +56,35 @@ RETRY = 1 / 12
 CLEANUP_TIMEOUT = 1.0
 
 
+def _boot_time() -> float:
+    # CLOCK_MONOTONIC (Trio's clock) stops while the machine is suspended; etcd's clock does not.
+    return time.clock_gettime(time.CLOCK_BOOTTIME) if hasattr(time, "CLOCK_BOOTTIME") else time.monotonic()
+
+
 class _Lease:
     """One granted lease, and the locks attached to it."""
 
-    __slots__ = ("give_up_at", "id", "locks", "lost", "renew_at")
+    __slots__ = ("give_up_at", "give_up_boot", "id", "locks", "lost", "renew_at")
 
-    def __init__(self, lease_id: int, sent: float, ttl: float, configured_ttl: float) -> None:
+    def __init__(self, lease_id: int, sent: float, sent_boot: float, ttl: float, configured_ttl: float) -> None:
         self.id = lease_id
         self.lost = False
         self.locks: set[_EtcdLock] = set()
-        self.renew_at = self.give_up_at = 0.0
-        self.renewed(sent, ttl, configured_ttl)
+        self.renew_at = self.give_up_at = self.give_up_boot = 0.0
+        self.renewed(sent, sent_boot, ttl, configured_ttl)
 
-    def renewed(self, sent: float, ttl: float, configured_ttl: float) -> None:
-        # etcd may grant another TTL than asked (its minimum): the shorter counts.
+    def renewed(self, sent: float, sent_boot: float, ttl: float, configured_ttl: float) -> None:
+        # etcd may grant another TTL than asked (its minimum): the shorter counts.  Two renewals
+        # in flight at once (the loop's, confirm()'s) may be answered in either order: the later counts.
         ttl = min(ttl, configured_ttl)
-        self.renew_at = sent + ttl * RENEW
-        self.give_up_at = sent + ttl * GIVE_UP
+        self.renew_at = max(self.renew_at, sent + ttl * RENEW)
+        self.give_up_at = max(self.give_up_at, sent + ttl * GIVE_UP)
+        self.give_up_boot = max(self.give_up_boot, sent_boot + ttl * GIVE_UP)
 
     def valid(self) -> bool:
-        return not self.lost and trio.current_time() < self.give_up_at
+        # Trio's clock drives the renewals (and tests' fake clocks); the boot clock also counts
+        # time spent suspended, which etcd counts too.
+        return not self.lost and trio.current_time() < self.give_up_at and _boot_time() < self.give_up_boot
 
 
 class _EtcdLock:
@@ -96,6 +108,10 @@ class _EtcdLock:
 
     async def confirm(self) -> bool:
         if not self.still_held():
+            return False
+        # Renewed first: a renewal sent now keeps the lease (and the key) until now + TTL at least,
+        # so the deletions that follow have GIVE_UP of the TTL before the lease can be given up.
+        if not await self._locks._renew(self.lease) or not self.still_held():
             return False
         try:
             # A linearizable read: a member cut off from the quorum cannot answer it.
@@ -148,9 +164,12 @@ class EtcdLocks:
         self._gateway = EtcdGateway(endpoints)
         self._lease: _Lease | None = None
         self._reachable = False
-        # Keys this instance may have left behind (a release or a take that did
-        # not get through): key -> (compare target, value); deleted when etcd answers.
-        self._orphans: dict[str, tuple[str, str | int]] = {}
+        # Keys this instance may have left behind (a release or a take that did not get
+        # through, or got through unseen): (key, compare target, value); deleted when etcd answers.
+        self._orphans: set[tuple[str, str, str | int]] = set()
+        self._cleaning = False
+        self._takes = itertools.count(1)  # makes each take's value unique, for deleting an orphan by value
+        self._odd_answer_logged = False
         self._stale_leases: set[int] = set()  # given up on, maybe not yet expired: revoked when etcd answers
 
     def __repr__(self) -> str:
@@ -185,21 +204,35 @@ class EtcdLocks:
         )
         task_status.started(self)
         try:
-            await self._keep()
+            async with trio.open_nursery() as nursery:
+                await self._keep(nursery)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIMEOUT):
                 lease, self._lease = self._lease, None
                 if lease is not None:
+                    # A lock not given back may cover a storage still at work (a thread a cancel
+                    # abandoned): then the lease is left to expire, after the process (and its threads).
+                    held = len(lease.locks)
                     self._lose(lease, "shutting down")
-                    await self._revoke(lease.id)
+                    if held:
+                        log.warning("lock service: %d locks held at shutdown: lease %x left to expire", held, lease.id)
+                    else:
+                        await self._revoke(lease.id)
                 await self._gateway.aclose()
 
-    async def _call(self, path: str, body: dict[str, Any], *, deadline: float | None = None) -> dict[str, Any]:
+    async def _call(
+        self,
+        path: str,
+        body: dict[str, Any],
+        *,
+        deadline: float | None = None,
+        failed_tries: list[str] | None = None,
+    ) -> dict[str, Any]:
         """One request, each endpoint bounded by a third of the TTL; ``deadline`` bounds the whole."""
         timeout = self.ttl * RENEW
         try:
             with trio.fail_at(deadline if deadline is not None else trio.current_time() + 3 * timeout):
-                answer = await self._gateway.call(path, body, per_try=timeout)
+                answer = await self._gateway.call(path, body, per_try=timeout, failed_tries=failed_tries)
         except trio.TooSlowError:
             self._reachable = False
             raise EtcdUnavailable(f"no answer from {self._gateway.current} in time") from None
@@ -210,14 +243,28 @@ class EtcdLocks:
         return answer
 
     async def _grant(self) -> None:
-        sent = trio.current_time()
+        sent, sent_boot = trio.current_time(), _boot_time()
         answer = await self._call("/v3/lease/grant", {"TTL": max(1, round(self.ttl))})
-        ttl = float(answer.get("TTL", 0))
-        if ttl <= 0:
+        try:
+            ttl = float(answer.get("TTL", 0))
+            lease_id = int(answer["ID"])
+        except (KeyError, TypeError, ValueError):
+            ttl = lease_id = 0
+        if ttl <= 0 or lease_id == 0:
             raise EtcdError(2, f"lease not granted: {answer}")
-        self._lease = _Lease(int(answer["ID"]), sent, ttl, self.ttl)
+        self._lease = _Lease(lease_id, sent, sent_boot, ttl, self.ttl)
 
-    async def _keep(self) -> None:
+    def _unexpected(self, what: str, exc: Exception) -> None:
+        # An answer etcd should not give, or a bug: the lock service goes on, and the log is not flooded.
+        if not self._odd_answer_logged:
+            self._odd_answer_logged = True
+            log.error("lock service: %s failed unexpectedly", what, exc_info=exc)
+        else:
+            log.warning("lock service: %s failed unexpectedly: %r", what, exc)
+
+    async def _keep(self, nursery: trio.Nursery) -> None:
+        # Only the lease's own requests run here: anything else (cleanups) in a task of its own,
+        # so that nothing delays a renewal or the giving up.
         while True:
             lease = self._lease
             if lease is None:
@@ -227,8 +274,12 @@ class EtcdLocks:
                     log.debug("lock service: no new lease yet: %s", exc)
                     await trio.sleep(self.ttl * RETRY)
                     continue
+                except Exception as exc:
+                    self._unexpected("granting a lease", exc)
+                    await trio.sleep(self.ttl * RETRY)
+                    continue
                 log.info("lock service: etcd answers again, new lease %x", self._lease.id if self._lease else 0)
-                await self._clean_up()
+                self._start_clean_up(nursery)
                 continue
             await trio.sleep_until(lease.renew_at)
             with trio.move_on_at(lease.give_up_at) as scope:
@@ -236,26 +287,29 @@ class EtcdLocks:
                     if await self._renew(lease):
                         break
                     await trio.sleep(self.ttl * RETRY)
-            if scope.cancelled_caught or lease.lost:
+            if lease.lost or (scope.cancelled_caught and not lease.valid()):
                 self._reachable = False
                 if not lease.lost:
                     self._lose(lease, f"no renewal answered for {self.ttl * GIVE_UP:g} s")
                 continue
-            await self._clean_up()
+            self._start_clean_up(nursery)
 
     async def _renew(self, lease: _Lease) -> bool:
         """Renew ``lease``; whether that was settled (renewed, or found gone)."""
-        sent = trio.current_time()
+        sent, sent_boot = trio.current_time(), _boot_time()
         try:
             answer = await self._call("/v3/lease/keepalive", {"ID": str(lease.id)}, deadline=lease.give_up_at)
+            ttl = float(answer.get("TTL", 0))
         except (EtcdUnavailable, EtcdError) as exc:
             log.warning("lock service: renewing lease %x failed: %s", lease.id, exc)
             return False
-        ttl = float(answer.get("TTL", 0))
+        except Exception as exc:  # counted as a renewal that failed
+            self._unexpected(f"renewing lease {lease.id:x}", exc)
+            return False
         if ttl <= 0:
             self._lose(lease, "etcd says it expired")
             return True
-        lease.renewed(sent, ttl, self.ttl)
+        lease.renewed(sent, sent_boot, ttl, self.ttl)
         return True
 
     def _lose(self, lease: _Lease, why: str) -> None:
@@ -278,19 +332,32 @@ class EtcdLocks:
             await self._call("/v3/lease/revoke", {"ID": str(lease_id)})
         self._stale_leases.discard(lease_id)
 
+    def _start_clean_up(self, nursery: trio.Nursery) -> None:
+        if (self._stale_leases or self._orphans) and not self._cleaning:
+            self._cleaning = True
+            nursery.start_soon(self._clean_up)
+
     async def _clean_up(self) -> None:
         """Revoke leases given up on and delete keys left behind, now that etcd answers."""
         try:
             for lease_id in list(self._stale_leases):
                 await self._revoke(lease_id)
-            for key, (target, value) in list(self._orphans.items()):
-                del self._orphans[key]  # back in if this delete does not get through either
-                await self._delete(key, target, value)
+            for orphan in list(self._orphans):
+                self._orphans.discard(orphan)  # back in if this delete does not get through either
+                if not await self._delete(*orphan):
+                    break
         except EtcdUnavailable as exc:
             log.debug("lock service: cleanup postponed: %s", exc)
+        except Exception as exc:
+            self._unexpected("cleaning up", exc)
+        finally:
+            self._cleaning = False
 
-    async def _delete(self, key: str, target: str, value: str | int) -> None:
-        """Delete ``key`` if its ``target`` (CREATE revision or VALUE) is ``value``; remembered if etcd is away."""
+    async def _delete(self, key: str, target: str, value: str | int) -> bool:
+        """Delete ``key`` if its ``target`` (CREATE revision or VALUE) is ``value``; remembered if etcd is away.
+
+        Whether etcd answered.
+        """
         compare: dict[str, Any] = {"key": b64(key), "target": target, "result": "EQUAL"}
         if target == "CREATE":
             compare["create_revision"] = str(value)
@@ -301,9 +368,11 @@ class EtcdLocks:
                 "/v3/kv/txn", {"compare": [compare], "success": [{"request_delete_range": {"key": b64(key)}}]}
             )
         except (EtcdUnavailable, EtcdError, trio.Cancelled) as exc:
-            self._orphans[key] = (target, value)
+            self._orphans.add((key, target, value))
             if isinstance(exc, trio.Cancelled):
                 raise
+            return False
+        return True
 
     # -- the locks ---------------------------------------------------------
 
@@ -324,26 +393,35 @@ class EtcdLocks:
                 "client": holder.client,
                 "since": datetime.now(UTC).isoformat(timespec="seconds"),
                 "lease": f"{lease.id:x}",
+                "take": next(self._takes),
             },
             separators=(",", ":"),
         )
         request = {
             "compare": [{"key": b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": "0"}],
             "success": [{"request_put": {"key": b64(key), "value": b64(value), "lease": str(lease.id)}}],
+            # If the key is there, it may be this very put, applied by a try whose answer was lost.
+            "failure": [{"request_range": {"key": b64(key)}}],
         }
+        failed_tries: list[str] = []
         try:
-            answer = await self._call("/v3/kv/txn", request, deadline=lease.give_up_at)
-        except (EtcdUnavailable, EtcdError, trio.Cancelled) as exc:
+            answer = await self._call("/v3/kv/txn", request, deadline=lease.give_up_at, failed_tries=failed_tries)
+            token = _taken(answer, lease.id, value)
+        except (EtcdUnavailable, EtcdError, trio.Cancelled, KeyError, TypeError, ValueError, IndexError) as exc:
             # The put may have gone through: the key is deleted once etcd answers, if it still holds our value.
-            self._orphans[key] = ("VALUE", value)
+            self._orphans.add((key, "VALUE", value))
             if isinstance(exc, trio.Cancelled):
                 raise
-            raise LockServiceUnavailable(f"the lock service (etcd) is unreachable: {exc}") from None
-        if not answer.get("succeeded"):
+            if not isinstance(exc, EtcdUnavailable | EtcdError):
+                self._unexpected(f"taking the lock of {mailbox}", exc)
+            raise LockServiceUnavailable(f"the lock service (etcd) is unreachable: {exc!r}") from None
+        if token is None:
+            if failed_tries:
+                # A try that failed may yet be applied (once the holder lets go): deleted then, by its value.
+                self._orphans.add((key, "VALUE", value))
             return None
-        token = int(answer["header"]["revision"])  # the revision that created the key
         if not lease.valid():
-            self._orphans[key] = ("CREATE", token)
+            self._orphans.add((key, "CREATE", token))
             raise LockServiceUnavailable("the lock service (etcd) is unreachable: the lease was lost")
         lock = _EtcdLock(self, lease, mailbox, key, token, on_lost)
         lease.locks.add(lock)
@@ -378,3 +456,15 @@ class EtcdLocks:
                 )
             )
         return out
+
+
+def _taken(answer: dict[str, Any], lease_id: int, value: str) -> int | None:
+    """The fencing token if the take transaction's ``answer`` says the key is ours, else ``None``."""
+    if answer.get("succeeded"):
+        return int(answer["header"]["revision"])  # the revision that created the key
+    for response in answer.get("responses") or []:
+        for kv in response.get("response_range", {}).get("kvs") or []:
+            # Our lease and our value: an earlier try of this same put got through.
+            if int(kv.get("lease", 0)) == lease_id and unb64(kv.get("value", "")) == value.encode():
+                return int(kv["create_revision"])
+    return None

@@ -344,6 +344,8 @@ class _Maildrop:
     _guard: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _users: int = field(default=0, init=False)  # worker threads in run()
     _unlocked: bool = field(default=False, init=False)
+    #: Called (from any thread) once the lock is really released.
+    on_released: Callable[[], None] | None = field(default=None, init=False)
 
     def run(self, fn: Callable[..., _T], *args: Any) -> _T:
         """In a worker thread: ``fn(*args)``, keeping the lock and ``dirs`` open meanwhile."""
@@ -385,6 +387,9 @@ class _Maildrop:
         finally:
             # Whatever closing did: a mailbox left in _held would be IN-USE until a restart.
             _release_held(self.path)
+            if self.on_released is not None:
+                with contextlib.suppress(trio.RunFinishedError):
+                    self.on_released()
 
 
 def _dispose_drop(drop: _Maildrop | None) -> None:
@@ -979,6 +984,19 @@ class MaildirStorage:
         if drop is not None:
             # Here rather than in a thread: a cancel must not leave the lock held.
             drop.unlock()
+
+    def on_unlocked(self, mbox: str, fn: Callable[[], None]) -> None:
+        """Have ``fn`` called in Trio once the next :meth:`unlock` of ``mbox`` has really let go.
+
+        At once, or when a worker thread that a cancel abandoned is done:
+        a session gives the lock service's lock back only then.
+        """
+        drop = self._drops.get(mbox)
+        if drop is None:
+            fn()
+            return
+        token = trio.lowlevel.current_trio_token()
+        drop.on_released = lambda: token.run_sync_soon(fn)
 
     async def stat(self, mbox: str) -> int:
         """The number of messages in the snapshot."""

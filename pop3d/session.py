@@ -782,14 +782,36 @@ class Session:
     async def _release_lock(self) -> None:
         storage, mailbox = self.storage, self.mailbox
         self.storage = None
+        # The cluster's lock goes back once the storage has really let go: a worker thread that
+        # a cancel abandoned (a deletion) may hold the storage's lock on after unlock().
+        unlocked = trio.Event()
+        handed_off = False
+
+        def let_go() -> None:
+            unlocked.set()
+            if handed_off:
+                trio.lowlevel.spawn_system_task(self._release_cluster_lock, mailbox)
+
+        on_unlocked = getattr(storage, "on_unlocked", None)
+        if self._lock is None or on_unlocked is None or mailbox is None:
+            unlocked.set()
         if storage is not None and mailbox is not None:
             with trio.move_on_after(UNLOCK_TIMEOUT):
                 try:
+                    if on_unlocked is not None and not unlocked.is_set():
+                        on_unlocked(mailbox, let_go)
                     await storage.unlock(mailbox)
+                    await unlocked.wait()
                 except Exception:
                     log.exception("session %s: unlock of %s failed", self.conn_id, mailbox)
-        if self._lock is not None:
-            await self._release_cluster_lock(mailbox)
+                    unlocked.set()
+        if self._lock is None:
+            return
+        if not unlocked.is_set():
+            log.warning("session %s: %s is still in use: its cluster lock goes back after", self.conn_id, mailbox)
+            handed_off = True
+            return
+        await self._release_cluster_lock(mailbox)
 
     async def _release_cluster_lock(self, mailbox: str | None) -> None:
         # After the storage's unlock: no other session may get the mailbox while this one has it open.

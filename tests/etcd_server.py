@@ -35,11 +35,33 @@ class Etcd:
         return self.urls[0]
 
     def stop(self) -> None:
-        """Pause etcd: it neither answers nor expires leases until :meth:`cont`."""
+        """Pause etcd: it neither answers nor expires leases until :meth:`cont`.
+
+        Returns once every thread is stopped: SIGSTOP is delivered to a Go
+        process's threads one by one, and one still running can answer.
+        """
         self.proc.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + 5
+        while not _all_threads_stopped(self.proc.pid):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"etcd (pid {self.proc.pid}) did not stop within 5 s")
+            time.sleep(0.001)
 
     def cont(self) -> None:
         self.proc.send_signal(signal.SIGCONT)
+
+
+def _all_threads_stopped(pid: int) -> bool:
+    """Whether every thread of ``pid`` is in state T (stopped), as /proc shows it."""
+    tasks = Path(f"/proc/{pid}/task")
+    states = []
+    for task in tasks.iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except FileNotFoundError:
+            continue  # a thread that just ended
+        states.append(stat.rsplit(")", 1)[1].split()[0])  # the field after "(comm)"
+    return bool(states) and all(state == "T" for state in states)
 
 
 @contextlib.contextmanager

@@ -9,6 +9,8 @@ takes a few seconds; every wait is bounded.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import os
 import poplib
@@ -275,6 +277,44 @@ async def test_the_admin_api_lists_cluster_locks_and_says_when_etcd_is_away(
             assert (await ready.get_json())["lock_service_unreachable"] == [srv.name]
             etcd.cont()
     await srv.destroy()
+
+
+async def _slow_proxy(nursery: trio.Nursery, target: str, delay: float) -> str:
+    """A TCP proxy to ``target`` (http://host:port) whose first connection's answers come ``delay`` late."""
+    host, port = target.removeprefix("http://").rsplit(":", 1)
+    connections = itertools.count()
+
+    async def forward(source: trio.abc.Stream, sink: trio.abc.Stream, late: float) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            async for data in source:
+                await trio.sleep(late)
+                await sink.send_all(data)
+
+    async def serve(client: trio.SocketStream) -> None:
+        late = delay if next(connections) == 0 else 0
+        async with client, await trio.open_tcp_stream(host, int(port)) as upstream, trio.open_nursery() as inner:
+            inner.start_soon(forward, client, upstream, 0)
+            await forward(upstream, client, late)
+            inner.cancel_scope.cancel()
+
+    [listener] = await nursery.start(functools.partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
+    assert isinstance(listener, trio.SocketListener)
+    return f"http://127.0.0.1:{listener.socket.getsockname()[1]}"
+
+
+async def test_a_take_applied_by_a_try_that_timed_out_is_taken(etcd: Etcd, nursery: trio.Nursery) -> None:
+    service = EtcdLocks([etcd.url], ttl=6, prefix=_prefix(), instance="one")
+    await nursery.start(service.run)
+    # Takes go first through a proxy that answers 3 s late (the TTL's third is 2 s): applied, and tried again.
+    await service._gateway.aclose()
+    service._gateway = EtcdGateway([await _slow_proxy(nursery, etcd.url, 3), etcd.url])
+    with trio.fail_after(10):
+        lock = await service.acquire("alice", Holder(server="s", connection="c", client="a"), print)
+        assert lock is not None  # not [IN-USE] by itself
+        [held] = await service.held()
+        assert held.token == lock.token
+        await lock.release()
+        assert await service.held() == []
 
 
 async def test_a_lock_cannot_be_taken_without_a_lease(etcd: Etcd) -> None:

@@ -10,22 +10,26 @@ Rules as in conftest: memory streams, ``fail_after`` around every wait.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
+import threading
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
 import pop3d
-from pop3d import replies
-from pop3d.etcd import EtcdUnavailable, unb64
+from pop3d import etcd_locks, maildir, replies
+from pop3d.etcd import EtcdGateway, EtcdUnavailable, b64, unb64
 from pop3d.etcd_locks import GIVE_UP, RENEW, EtcdLocks
 from pop3d.mailbox_locks import Holder, LocalLocks, LockServiceUnavailable, MailboxLock, MailboxLocks
 
 from .conftest import MESSAGES, TEST_NET, connect, wait_until
 from .popclient import PopClient
+from .serve_process import mail_files
 
 # -- two "hosts" sharing a lock service ----------------------------------------
 
@@ -219,6 +223,37 @@ async def test_a_storage_that_refuses_gives_the_cluster_lock_back(
     await srv.destroy()
 
 
+async def test_the_cluster_lock_outlives_a_deletion_that_a_cancel_abandoned(
+    nursery: trio.Nursery, users: pop3d.MemoryUsers, site: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started, go_on = threading.Event(), threading.Event()
+    delete = maildir._delete
+
+    def slow_delete(*args: Any) -> None:
+        started.set()
+        go_on.wait(10)  # unlinking on a slow NFS server
+        delete(*args)
+
+    monkeypatch.setattr(maildir, "_delete", slow_delete)
+    locks = LocalLocks()
+    srv = await _host(nursery, users, locks)
+    srv.configure(storage=pop3d.MaildirStorage(site / "mail"))
+    with trio.fail_after(5):
+        client, reply = await _login(srv)
+        assert reply.startswith(b"+OK")
+        assert (await client.command("DELE 1")).startswith(b"+OK")
+        await client.send(b"QUIT\r\n")
+        await trio.to_thread.run_sync(started.wait)
+        [conn] = srv.conn_list()
+        srv.close_connection(conn)  # the session ends; its deletion thread goes on
+        await wait_until(lambda: not srv.conn_list())
+        assert [held.mailbox for held in await locks.held()] == ["alice"]  # not another host's yet
+        go_on.set()
+        await wait_until(lambda: not locks._held)
+    assert len(mail_files(site)) == 1
+    await srv.destroy()
+
+
 def test_without_a_lock_service_sessions_get_none() -> None:
     srv = pop3d.new()
     try:
@@ -246,13 +281,39 @@ class FakeGateway:
         self.keys: dict[str, tuple[int, int, str]] = {}  # key -> (create revision, lease, value)
         self.leases: set[int] = set()
         self.calls: list[tuple[float, str]] = []
+        # Faults: the next take applied but its answer lost (the real gateway then tries the
+        # next endpoint); etcd silent once it answered a renewal; answers by path, as given.
+        self.lose_take_answer = False
+        self.silent_after_renewal = False
+        self.answers: dict[str, dict[str, Any]] = {}
+        self.last_take: dict[str, Any] = {}
+        self.last_answered = 0.0  # when the renewal answered before going silent was sent
 
-    async def call(self, path: str, body: dict[str, Any], *, per_try: float) -> dict[str, Any]:
+    async def call(
+        self, path: str, body: dict[str, Any], *, per_try: float, failed_tries: list[str] | None = None
+    ) -> dict[str, Any]:
         self.calls.append((trio.current_time(), path))
         if self.down:
             await trio.sleep(per_try)
             raise EtcdUnavailable("no answer")
         await trio.sleep(0.01)
+        if path in self.answers:
+            return self.answers[path]
+        if path == "/v3/kv/txn" and "request_put" in body["success"][0]:
+            self.last_take = body
+        if path == "/v3/kv/txn" and self.lose_take_answer:
+            self.lose_take_answer = False
+            await self._answer(path, body)  # applied; the answer never comes
+            await trio.sleep(per_try)
+            if failed_tries is not None:
+                failed_tries.append(f"{self.current}: no answer within {per_try:g} s")
+        answer = await self._answer(path, body)
+        if path == "/v3/lease/keepalive" and self.silent_after_renewal:
+            self.down, self.silent_after_renewal = True, False
+            self.last_answered = self.calls[-1][0]
+        return answer
+
+    async def _answer(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         header = {"revision": str(self.revision)}
         if path == "/v3/lease/grant":
             lease = 100 + len(self.leases)
@@ -270,8 +331,7 @@ class FakeGateway:
             key = unb64(body["key"]).decode()
             if key not in self.keys:
                 return {"header": header}
-            create, lease, _ = self.keys[key]
-            return {"header": header, "kvs": [{"create_revision": str(create), "lease": str(lease)}]}
+            return {"header": header, "kvs": [self._kv(key)]}
         if path == "/v3/kv/txn":
             [compare] = body["compare"]
             key = unb64(compare["key"]).decode()
@@ -281,6 +341,8 @@ class FakeGateway:
             else:
                 ok = current is not None and current[2] == unb64(compare["value"]).decode()
             if not ok:
+                if "failure" in body and current is not None:
+                    return {"header": header, "responses": [{"response_range": {"kvs": [self._kv(key)]}}]}
                 return {"header": header}
             self.revision += 1
             for op in body["success"]:
@@ -291,6 +353,10 @@ class FakeGateway:
                     self.keys.pop(key, None)
             return {"header": {"revision": str(self.revision)}, "succeeded": True}
         raise AssertionError(path)
+
+    def _kv(self, key: str) -> dict[str, str]:
+        create, lease, value = self.keys[key]
+        return {"key": b64(key), "create_revision": str(create), "lease": str(lease), "value": b64(value)}
 
     async def aclose(self) -> None:
         pass
@@ -374,6 +440,120 @@ async def test_etcd_saying_the_lease_is_gone_ends_its_sessions_at_once(
     gateway.leases.clear()  # revoked behind our back (etcdctl lease revoke)
     await trio.sleep(6 * RENEW + 0.1)
     assert lost and not lock.still_held()
+
+
+ALICE = "/pop3d/locks/alice"
+
+
+async def test_a_take_applied_by_a_try_whose_answer_was_lost_is_taken(
+    fake_etcd: tuple[EtcdLocks, FakeGateway], autojump_clock: object
+) -> None:
+    locks, gateway = fake_etcd
+    gateway.lose_take_answer = True  # applied by the first endpoint, sent again to the next
+    lock = await locks.acquire("alice", HOLDER, lambda: None)
+    assert lock is not None  # not [IN-USE] by itself
+    assert lock.token == gateway.keys[ALICE][0] and await lock.confirm()
+    await lock.release()
+    assert ALICE not in gateway.keys
+
+
+async def test_a_take_that_may_yet_be_applied_is_deleted_once_it_is(
+    fake_etcd: tuple[EtcdLocks, FakeGateway], autojump_clock: object
+) -> None:
+    locks, gateway = fake_etcd
+    gateway.keys[ALICE] = (1, 999, '{"instance":"b"}')  # held by another instance
+    gateway.lose_take_answer = True
+    assert await locks.acquire("alice", HOLDER, lambda: None) is None
+    # The other instance lets go, and the first try, late, puts the key on our lease.
+    del gateway.keys[ALICE]
+    await gateway._answer("/v3/kv/txn", gateway.last_take)
+    assert ALICE in gateway.keys
+    await trio.sleep(6 * RENEW + 0.5)  # the next renewal cleans up
+    assert ALICE not in gateway.keys
+
+
+async def test_cleanups_do_not_hold_up_giving_the_lease_up(
+    fake_etcd: tuple[EtcdLocks, FakeGateway], autojump_clock: object
+) -> None:
+    locks, gateway = fake_etcd
+    lost: list[float] = []
+    assert await locks.acquire("alice", HOLDER, lambda: lost.append(trio.current_time())) is not None
+    others = [await locks.acquire(name, HOLDER, lambda: None) for name in ("bob", "carol", "dave")]
+    gateway.down = True
+    for lock in others:
+        assert lock is not None
+        with trio.move_on_after(0.1):
+            await lock.release()  # etcd does not get them: deleted once it answers
+    gateway.down = False
+    gateway.silent_after_renewal = True  # the next renewal is answered, then nothing is
+    await trio.sleep(12)
+    assert len(lost) == 1
+    assert lost[0] - gateway.last_answered <= 6 * GIVE_UP + 0.01
+
+
+async def test_answers_that_make_no_sense_do_not_take_the_instance_down(
+    fake_etcd: tuple[EtcdLocks, FakeGateway], autojump_clock: object
+) -> None:
+    locks, gateway = fake_etcd
+    lost: list[float] = []
+    assert await locks.acquire("alice", HOLDER, lambda: lost.append(trio.current_time())) is not None
+    gateway.answers["/v3/kv/txn"] = {"succeeded": True}  # no header, no revision
+    with pytest.raises(LockServiceUnavailable):
+        await locks.acquire("bob", HOLDER, lambda: None)
+    gateway.answers["/v3/lease/keepalive"] = {"TTL": "soon"}
+    gateway.answers["/v3/lease/grant"] = {"TTL": "6"}  # no ID
+    await trio.sleep(6)
+    assert len(lost) == 1  # renewals that failed: given up in time
+    assert not locks.reachable
+    gateway.answers.clear()
+    await trio.sleep(2)
+    assert locks.reachable
+    assert await locks.acquire("bob", HOLDER, lambda: None) is not None
+
+
+async def test_a_gateway_answer_that_makes_no_sense_is_a_failed_try(nursery: trio.Nursery) -> None:
+    async def answer(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        body = b'{"code":"soon","message":"?"}'
+        await stream.send_all(b"HTTP/1.1 500 Oops\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await stream.aclose()
+
+    [listener] = await nursery.start(functools.partial(trio.serve_tcp, answer, 0, host="127.0.0.1"))
+    assert isinstance(listener, trio.SocketListener)
+    gateway = EtcdGateway([f"http://127.0.0.1:{listener.socket.getsockname()[1]}"])
+    with trio.fail_after(5), pytest.raises(EtcdUnavailable, match="bad answer"):
+        await gateway.call("/v3/kv/range", {"key": b64("a")}, per_try=2)
+    await gateway.aclose()
+
+
+async def test_confirm_renews_the_lease_before_it_says_yes(
+    fake_etcd: tuple[EtcdLocks, FakeGateway], autojump_clock: object
+) -> None:
+    locks, gateway = fake_etcd
+    lock = await locks.acquire("alice", HOLDER, lambda: None)
+    assert lock is not None
+    await trio.sleep(1.5)
+    renewals = sum(path == "/v3/lease/keepalive" for _, path in gateway.calls)
+    asked = trio.current_time()
+    assert await lock.confirm()
+    assert sum(path == "/v3/lease/keepalive" for _, path in gateway.calls) == renewals + 1
+    lease = locks._lease
+    assert lease is not None and lease.give_up_at >= asked + 6 * GIVE_UP
+    gateway.down = True
+    assert not await lock.confirm()  # no renewal, no deletions
+
+
+async def test_time_spent_suspended_counts_against_the_lease(
+    fake_etcd: tuple[EtcdLocks, FakeGateway], autojump_clock: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    locks, _ = fake_etcd
+    lock = await locks.acquire("alice", HOLDER, lambda: None)
+    assert lock is not None and lock.still_held()
+    # The machine slept 10 s: Trio's clock (CLOCK_MONOTONIC) did not move, the boot clock did.
+    now = etcd_locks._boot_time()
+    monkeypatch.setattr(etcd_locks, "_boot_time", lambda: now + 10)
+    assert not lock.still_held()
+    assert not locks.reachable
 
 
 # -- /cluster/locks without a lock service -------------------------------------------
