@@ -5,11 +5,15 @@ Each file is checked by its own tool where that is installed (``haproxy
 check config``; skipped, with the reason, where not), and against the others
 and pop3d's settings: the ports HAProxy sends to are the ones the instances
 listen on, every ``POP3D_*`` variable is a setting, Prometheus scrapes each
-instance's admin API under its instance name.  Then the real HAProxy, with
+instance's admin API under its instance name, every image is built here
+``FROM debian:bookworm-slim`` (none is pulled).  Then the real HAProxy, with
 ``haproxy.cfg`` as shipped but for its addresses (free ports of 127.0.0.1),
 runs in front of three ``pop3d serve``: POP3 and POP3S go through, each with
 the client's address in a PROXY v2 header, and the health check finds
 ``+OK``.  ``setup.sh`` runs on temporary directories.
+
+``.ci/cluster-compose-test`` runs the Compose file itself, with Docker, and
+the page's commands that start and remove it.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ HAPROXY_CFG = CLUSTER / "haproxy.cfg"
 COMPOSE = CLUSTER / "compose.yaml"
 PROMETHEUS = CLUSTER / "prometheus.yml"
 SETUP = CLUSTER / "setup.sh"
+IMAGES = CLUSTER / "images"
+CI_SCRIPT = ROOT / ".ci" / "cluster-compose-test"
 DOC = ROOT / "docs" / "cluster.md"
 DOC_SECTIONS = ("Behind HAProxy", "Users from PostgreSQL")
 
@@ -113,6 +119,64 @@ def test_compose_accepts_the_file() -> None:
     assert set(resolved["services"]) == {*INSTANCES, "haproxy", "etcd", "postgres", "setup", "prometheus"}
     for name in INSTANCES:
         assert resolved["services"][name]["environment"]["POP3D_INSTANCE_NAME"] == name
+
+
+def dockerfile_froms(dockerfile: Path) -> list[str]:
+    """The image each ``FROM`` of ``dockerfile`` names, in order (``AS`` names left out)."""
+    return [line.split()[1] for line in dockerfile.read_text().splitlines() if line.upper().startswith("FROM ")]
+
+
+def test_every_image_is_built_from_debian_bookworm_slim() -> None:
+    # No registry but Debian's: each service builds its image, FROM the base image that
+    # ../shared/ci/container-env.sh makes where Docker Hub is out of reach.
+    services = compose()["services"]
+    contexts = set()
+    for name, service in services.items():
+        assert "build" in service, f"{name} would pull {service.get('image')}"
+        assert service["build"].get("network") == "host", name  # where there is no bridge network
+        context = (CLUSTER / service["build"]["context"]).resolve()
+        dockerfile = context / "Dockerfile"
+        froms = dockerfile_froms(dockerfile)
+        assert froms and froms[0] == "debian:bookworm-slim", (name, froms)
+        # A later stage may build FROM an earlier one, by its name; anything else is Debian's base too.
+        stages = {line.split()[3] for line in dockerfile.read_text().splitlines() if " AS " in line.upper()}
+        assert all(image == "debian:bookworm-slim" or image in stages for image in froms), (name, froms)
+        contexts.add(context)
+    assert {path.name for path in contexts} == {ROOT.name, "haproxy", "etcd", "postgres", "prometheus"}
+    # Each image directory is used by a service.
+    assert {path.parent for path in IMAGES.glob("*/Dockerfile")} <= contexts
+    # One image per build: the setup service reuses PostgreSQL's (for its openssl).
+    assert services["setup"]["build"] == services["postgres"]["build"]
+    assert services["setup"]["image"] == services["postgres"]["image"]
+
+
+def test_the_images_read_the_files_compose_mounts() -> None:
+    services = compose()["services"]
+    haproxy = (IMAGES / "haproxy" / "Dockerfile").read_text()
+    assert "./haproxy.cfg:/etc/haproxy/haproxy.cfg:ro" in services["haproxy"]["volumes"]
+    assert '"-f", "/etc/haproxy/haproxy.cfg"' in haproxy
+    prometheus = services["prometheus"]["command"]
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus
+    assert "./prometheus.yml:/etc/prometheus/prometheus.yml:ro" in services["prometheus"]["volumes"]
+    etcd = services["etcd"]
+    assert "etcd:/var/lib/etcd" in etcd["volumes"] and "--data-dir=/var/lib/etcd/default" in etcd["command"]
+    postgres = services["postgres"]
+    assert "pgdata:/var/lib/postgresql/data" in postgres["volumes"]
+    assert (
+        "ENV PATH=/usr/lib/postgresql/15/bin:$PATH PGDATA=/var/lib/postgresql/data/pgdata"
+        in (IMAGES / "postgres" / "Dockerfile").read_text()
+    )
+    assert postgres["environment"]["POSTGRES_PASSWORD_FILE"] == "/run/secrets/postgres-password"
+    assert "postgres-password" in postgres["secrets"]
+    assert postgres["command"][0] == "postgres" and "listen_addresses=127.0.0.1" in postgres["command"]
+
+
+@pytest.mark.skipif(shutil.which("sh") is None, reason="no sh")
+def test_the_postgres_entrypoint_is_valid_sh() -> None:
+    script = IMAGES / "postgres" / "entrypoint.sh"
+    assert os.access(script, os.X_OK)  # COPY keeps the mode: the image runs it as it is
+    result = subprocess.run(["sh", "-n", str(script)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed (apt-get install prometheus)")
@@ -319,7 +383,7 @@ def test_pop3_and_pop3s_through_the_shipped_haproxy_cfg(
 # -- docs/cluster.md: "Behind HAProxy" and "Users from PostgreSQL" --------------------
 
 
-def doc_commands() -> list[str]:
+def section_commands() -> list[str]:
     """Every command of the ``sh`` blocks of those two sections of docs/cluster.md, as printed."""
     if not DOC.exists():
         return []
@@ -332,11 +396,28 @@ def doc_commands() -> list[str]:
     return found
 
 
+def run_by_ci(command: str) -> bool:
+    """The commands that start, use and remove the cluster: .ci/cluster-compose-test runs them, as printed."""
+    return command in CI_SCRIPT.read_text()
+
+
+def doc_commands() -> list[str]:
+    """The commands of those sections that the tests below run (the others are CI's)."""
+    return [command for command in section_commands() if not run_by_ci(command)]
+
+
 def test_the_sections_show_the_checks_and_the_hash() -> None:
     commands = doc_commands()
     assert {command.split()[0] for command in commands} == {"haproxy", "promtool", "docker", "printf"}
+    # The compose commands that start and remove the cluster, and the fetches from it, are CI's.
+    assert [command.split()[0] for command in section_commands() if run_by_ci(command)] == [
+        "docker",
+        "curl",
+        "curl",
+        "docker",
+    ]
     text = DOC.read_text()
-    for path in (HAPROXY_CFG, COMPOSE, PROMETHEUS, SETUP, CLUSTER / "postgres" / "init.sql"):
+    for path in (HAPROXY_CFG, COMPOSE, PROMETHEUS, SETUP, CLUSTER / "postgres" / "init.sql", IMAGES):
         assert str(path.relative_to(ROOT)) in text
 
 

@@ -135,6 +135,7 @@ CLAIMS = [
     Claim("docs/admin-api.md", "test_admin_api_page (below)", _sandbox("docs/admin-api.md")),
     Claim("docs/monitoring.md", "tests/test_deploy_rules.py", _from_test("test_deploy_rules", "doc_commands")),
     Claim("docs/cluster.md", "tests/test_cluster_deploy.py", _from_test("test_cluster_deploy", "doc_commands")),
+    Claim("docs/cluster.md", ".ci/cluster-compose-test", _in_script(".ci/cluster-compose-test")),
     Claim("docs/migrating.md", "tests/test_uidl_cli.py", _from_test("test_uidl_cli", "doc_commands")),
     Claim(
         "docs/ui.md",

@@ -1,5 +1,6 @@
 -- The users of the cluster's pop3d instances (pop3d --passdb-sql), made once when the
--- database is created (the postgres image runs /docker-entrypoint-initdb.d/*.sql).
+-- database is created (images/postgres/entrypoint.sh runs /docker-entrypoint-initdb.d/*.sql at the
+-- first start, as the official postgres image does).
 --
 -- pop3d runs one query per login, by default
 --     SELECT password, mailbox FROM users WHERE username = %(user)s
