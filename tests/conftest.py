@@ -6,6 +6,7 @@ bounded with ``trio.fail_after``, and timeouts run on ``autojump_clock``.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -78,6 +79,18 @@ async def server(
     await nursery.start(srv.run)
     yield srv
     await srv.destroy()
+
+
+@pytest.fixture
+async def listening_server(nursery: trio.Nursery) -> AsyncIterator[pop3d.Server]:
+    """A bare server object listening on 127.0.0.1 (a unique name, no callbacks), so that the API lists one."""
+    srv = pop3d.new(f"listening-{uuid.uuid4().hex[:8]}")
+    srv.configure(host="127.0.0.1", port=0)
+    await nursery.start(srv.run)
+    await srv.up()
+    yield srv
+    with trio.fail_after(5):
+        await srv.destroy("kill")
 
 
 def connect(server: pop3d.Server, peer: tuple[str, int] = ("192.0.2.7", 40110)) -> PopClient:

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,15 +45,9 @@ class Visit:
 
 
 @pytest.fixture
-async def server(nursery: trio.Nursery) -> AsyncIterator[pop3d.Server]:
+def server(listening_server: pop3d.Server) -> pop3d.Server:
     """A running, listening POP3 server object, so that /servers lists something."""
-    server = pop3d.new(f"docs-page-{uuid.uuid4().hex[:8]}")
-    server.configure(host="127.0.0.1", port=0)
-    await nursery.start(server.run)
-    await server.up()
-    yield server
-    with trio.fail_after(5):
-        await server.destroy("kill")
+    return listening_server
 
 
 async def serving(token: str | None, browse: Callable[[str], Visit]) -> Visit:

@@ -16,7 +16,6 @@ import re
 import socket
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -100,15 +99,9 @@ async def serve(nursery: trio.Nursery) -> AsyncIterator[Serve]:
 
 
 @pytest.fixture
-async def server(nursery: trio.Nursery) -> AsyncIterator[pop3d.Server]:
+def server(listening_server: pop3d.Server) -> pop3d.Server:
     """A running, listening POP3 server with a unique name."""
-    server = pop3d.new(f"openapi-test-{uuid.uuid4().hex[:8]}")
-    server.configure(host="127.0.0.1", port=0)
-    await nursery.start(server.run)
-    await server.up()
-    yield server
-    with trio.fail_after(5):
-        await server.destroy("kill")
+    return listening_server
 
 
 def operations(spec: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
